@@ -1,0 +1,182 @@
+"""``Api``: what one worker process holds — the engine, the PostgreSQL pool,
+keys, the hot-path caches, metrics — opened and closed by the app's lifespan.
+
+Handlers reach it as ``api_of(request)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import asyncpg
+import msgspec
+import structlog
+
+from api import catalog
+from api.auth import Code2SessionVerifier, CodeVerifier, DevCodeVerifier, TokenSigner
+from api.hotpath import Admission, MicroCache, PatientRefs, ReleaseTimes, ServerClock, SoldOut
+from api.metrics import Metrics
+from api.settings import Settings
+from engine.engine import Engine
+from engine.outcomes import Availability
+from engine.store import queries as q
+from engine.store.migrate import migrate
+from engine.writer import outbox_lag
+
+__all__ = ["Api", "OpsStatus", "api_of"]
+
+log = structlog.get_logger("haoyuan.api")
+
+
+class OpsStatus(msgspec.Struct, kw_only=True):
+    redis: bool
+    postgres: bool
+    writer_known: bool = False
+    writer_pending: int = 0
+    writer_undelivered: int = 0
+    dead_letters: int = 0
+    writer_oldest_pending_age_ms: int = 0
+    outbox_stream_length: int = 0
+    his_pending: int = 0
+    his_oldest_pending_age_s: float = 0.0
+    checked_at_ms: int = 0
+
+
+class Api:
+    def __init__(self, settings: Settings) -> None:
+        s = self.settings = settings
+        self.crypto = s.resolved_crypto()
+        self.tokens = TokenSigner(s.token_secret, s.token_ttl_s)
+        self.verifier: CodeVerifier = (
+            Code2SessionVerifier(s.wechat_url, s.wechat_appid, s.wechat_secret,
+                                 timeout_s=s.wechat_timeout_s)
+            if s.wechat_mode == "code2session"
+            else DevCodeVerifier()
+        )
+        self.metrics = Metrics()
+        self.clock = ServerClock()
+        self.release_times = ReleaseTimes(s.release_cache_ttl_ms)
+        self.soldout = SoldOut(s.soldout_ttl_ms)
+        self.availability_cache: MicroCache[str, bytes] = MicroCache(s.availability_ttl_ms)
+        self.catalog_cache: MicroCache[Any, bytes] = MicroCache(s.catalog_ttl_ms)
+        self.admission = Admission(s.max_inflight, s.max_loop_lag_ms)
+        self.patient_refs = PatientRefs(s.patient_ref_ttl_s)
+        self.engine: Engine = Engine.connect(s.redis_url, s.engine_config())
+        self._pool: asyncpg.Pool | None = None
+        self._ops: MicroCache[str, OpsStatus] = MicroCache(int(s.ops_cache_s * 1000))
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        s = self.settings
+        try:
+            await self.engine.runner.load_all()
+            await self.clock.calibrate(self.engine.server_time_ms)
+        except Exception as exc:  # Redis down at startup: serve 503s, readiness says so
+            log.error("redis_unavailable_at_startup", error=type(exc).__name__)
+        if s.migrate:
+            try:
+                await migrate(s.pg_dsn)
+            except Exception as exc:
+                log.error("migrations_failed", error=type(exc).__name__)
+        self._pool = await asyncpg.create_pool(
+            s.pg_dsn, min_size=0, max_size=s.pg_pool_max, command_timeout=10
+        )
+        self._tasks.append(asyncio.create_task(self._recalibrate()))
+        if s.max_loop_lag_ms > 0:
+            self._tasks.append(asyncio.create_task(self.admission.watch_loop(self._stop)))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._pool is not None:
+            await self._pool.close()
+        await self.engine.aclose()
+        await self.verifier.aclose()
+
+    async def _recalibrate(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 30)
+                return
+            try:
+                await self.clock.calibrate(self.engine.server_time_ms, samples=3)
+            except Exception as exc:
+                log.warning("clock_calibration_failed", error=type(exc).__name__)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("the API is not started")
+        return self._pool
+
+    # ------------------------------------------------------------------ helpers
+    async def patient_ref(self, account: str, patient_id: str) -> str | None:
+        """The engine's patient ref of one of the account's patients, or None."""
+        ref = self.patient_refs.get(account, patient_id)
+        if ref is None:
+            ref = await q.get_patient_ref(self.pool, account, patient_id)
+            if ref is not None:
+                self.patient_refs.put(account, patient_id, ref)
+        return ref
+
+    def learn(self, availability: Availability) -> None:
+        """Feed an availability read into the local caches and the inventory gauges."""
+        for s in availability.sessions:
+            self.release_times.set(s.session_id, s.release_at_ms)
+            for slot in s.slots:
+                if slot.free > 0:
+                    self.soldout.clear(s.session_id, slot.slot_id)
+            self.metrics.inventory(s.session_id, s.free, s.capacity)
+
+    async def ops_status(self) -> OpsStatus:
+        return await self._ops.get("ops", self._check_ops)
+
+    async def _check_ops(self) -> OpsStatus:
+        redis_ok = pg_ok = False
+        st = OpsStatus(redis=False, postgres=False, checked_at_ms=int(time.time() * 1000))
+        try:
+            redis_ok = bool(await asyncio.wait_for(self.engine.client.ping(), 2))
+        except Exception:
+            redis_ok = False
+        try:
+            async with asyncio.timeout(2):
+                pg_ok = (await self.pool.fetchval("SELECT 1")) == 1
+                if pg_ok:
+                    st.his_pending, st.his_oldest_pending_age_s = await catalog.his_lag(self.pool)
+        except Exception:
+            pg_ok = False
+        st.redis, st.postgres = redis_ok, pg_ok
+        if redis_ok:
+            try:
+                lag = await asyncio.wait_for(outbox_lag(self.engine.client), 2)
+                st.writer_known = True
+                st.writer_pending = int(lag.pending)
+                st.writer_undelivered = lag.undelivered
+                st.dead_letters = lag.dead_letters
+                st.writer_oldest_pending_age_ms = int(lag.oldest_pending_age_ms)
+                st.outbox_stream_length = int(lag.stream_length)
+            except Exception as exc:
+                log.warning("writer_lag_unknown", error=type(exc).__name__)
+        m = self.metrics
+        m.writer_pending.set(st.writer_pending)
+        m.writer_undelivered.set(st.writer_undelivered)
+        m.dead_letters.set(st.dead_letters)
+        m.writer_age.set(st.writer_oldest_pending_age_ms / 1000)
+        m.stream_length.set(st.outbox_stream_length)
+        m.his_pending.set(st.his_pending)
+        m.his_age.set(st.his_oldest_pending_age_s)
+        return st
+
+
+def api_of(request: Any) -> Api:
+    api: Api = request.app.state.api
+    return api

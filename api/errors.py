@@ -1,0 +1,94 @@
+"""Exceptions to problems: Litestar's HTTP errors, backing-service failures, bugs.
+
+- Litestar's validation errors (400) are answered 422 ``invalid-input`` with
+  the field errors (messages from msgspec never echo the value).
+- Routing and size errors keep their status (404, 405 with Allow, 413).
+- Redis or PostgreSQL unreachable, timing out or busy: 503 ``unavailable``
+  with a jittered Retry-After.
+- Anything else is a bug: logged (redacted, with the traceback) and answered
+  as a 500 problem without details.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import structlog
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from api.problems import FieldError, ProblemError, problem, retry_after
+from engine.scripts import ScriptError
+
+__all__ = ["error_response", "on_error", "on_http", "on_problem"]
+
+log = structlog.get_logger("haoyuan.api")
+
+_STATUS_KINDS = {401: "unauthorized", 403: "forbidden", 404: "not-found",
+                 405: "method-not-allowed", 413: "too-large", 415: "unsupported-media-type",
+                 429: "overloaded", 503: "unavailable"}
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, asyncpg.PostgresConnectionError,
+                asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+                asyncpg.TooManyConnectionsError, ConnectionError, TimeoutError, OSError)
+_BUSY = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def _path(request: Request[Any, Any, Any]) -> str:
+    path: str = request.scope.get("path", "")
+    return path
+
+
+def on_problem(request: Request[Any, Any, Any], exc: ProblemError) -> Response[Any]:
+    return exc.response
+
+
+def on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    path = _path(request)
+    code = exc.status_code
+    if code == 400 or isinstance(exc, ValidationException):
+        extra = exc.extra if isinstance(exc.extra, list) else []
+        errs = [
+            FieldError(str(e.get("message", ""))[:200], _opt(e.get("key")), _opt(e.get("source")))
+            for e in extra[:20] if isinstance(e, dict)
+        ]
+        # Litestar's detail repeats the query string: never echo input.
+        detail = "the request does not match the API's schema" if errs else (
+            "the request body is malformed")
+        return problem("invalid-input", detail, instance=path, errors=errs or None)
+    kind = _STATUS_KINDS.get(code)
+    headers = {k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"} or None
+    if kind is None:
+        kind = "invalid-input" if 400 <= code < 500 else "internal"
+    if kind == "overloaded":
+        ms, headers = retry_after(1000)
+        return problem(kind, instance=path, headers=headers, retry_after_ms=ms)
+    return problem(kind, str(exc.detail)[:200] if code < 500 else None, instance=path,
+                   headers=headers)
+
+
+def _opt(v: Any) -> str | None:
+    return None if v is None else str(v)[:100]
+
+
+def error_response(exc: Exception, path: str) -> Response[Any]:
+    """The problem for an exception raised while deciding (not an HTTP error)."""
+    if isinstance(exc, ProblemError):
+        return exc.response
+    if isinstance(exc, ScriptError):
+        return problem("invalid-input", str(exc)[:200], instance=path)
+    if isinstance(exc, _UNAVAILABLE) or (isinstance(exc, RedisError)
+                                         and str(exc).startswith(_BUSY)):
+        log.warning("backing_service_unavailable", error=type(exc).__name__, route=path)
+        ms, headers = retry_after(1000)
+        return problem("unavailable", "a backing service is unavailable; retry later",
+                       instance=path, headers=headers, retry_after_ms=ms)
+    log.error("unhandled_error", error=type(exc).__name__, route=path, exc_info=exc)
+    return problem("internal", instance=path)
+
+
+def on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    return error_response(exc, _path(request))

@@ -1,0 +1,102 @@
+"""POST /v1/holds served in front of Litestar, when the request is well-formed.
+
+On release morning this one route takes nearly all the traffic, and
+Litestar's per-request machinery (request object, kwargs and signature
+models, response object, two exception layers) costs more than the decision
+itself. This ASGI wrapper reads the headers and the (small) body, checks the
+token, decodes ``HoldIn`` with msgspec and calls the same ``decide_hold`` as
+the Litestar route. Anything unusual — a missing or bad token, a body that
+does not decode, a bad Idempotency-Key, an odd content type, a large or
+streamed body — is handed to Litestar untouched (the body replayed), so every
+error answer, and the OpenAPI description, comes from the one Litestar route.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, cast
+
+import msgspec
+
+from api.errors import error_response
+from api.problems import RawResponse
+from api.routes.holds import decide_hold
+from api.schemas import IDEMPOTENCY_RE, HoldIn
+
+if TYPE_CHECKING:
+    from litestar.types import ASGIApp, Receive, ReceiveMessage, Scope, Send
+
+    from api.context import Api
+
+__all__ = ["hold_fastpath"]
+
+_PATH = "/v1/holds"
+_MAX_BODY = 4096
+_decode = msgspec.json.Decoder(HoldIn).decode
+
+
+def hold_fastpath(api: Api, app: ASGIApp) -> ASGIApp:
+    tokens = api.tokens
+
+    async def handle(asgi_scope: Scope, receive: Receive, send: Send) -> None:
+        scope = cast(dict[str, Any], asgi_scope)
+        if scope["type"] != "http" or scope["path"] != _PATH or scope["method"] != "POST":
+            await app(asgi_scope, receive, send)
+            return
+        auth = idem = ctype = None
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                auth = v
+            elif k == b"idempotency-key":
+                idem = v
+            elif k == b"content-type":
+                ctype = v
+        messages: list[ReceiveMessage] = []
+        body = b""
+        while True:
+            msg = await receive()
+            messages.append(msg)
+            if msg["type"] != "http.request":
+                break
+            body += msg.get("body", b"")
+            if not msg.get("more_body", False) or len(body) > _MAX_BODY:
+                break
+        account = _account(tokens, auth)
+        data = None
+        key: str | None = None
+        ok = (account is not None and messages[-1]["type"] == "http.request"
+              and not messages[-1].get("more_body", False)
+              and (ctype is None or ctype.startswith(b"application/json")))
+        if ok and idem is not None:
+            key = idem.decode("latin-1")
+            ok = IDEMPOTENCY_RE.fullmatch(key) is not None
+        if ok:
+            try:
+                data = _decode(body)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                data = None
+        if data is None or account is None:
+            replay = iter(messages)
+
+            async def again() -> ReceiveMessage:
+                m = next(replay, None)
+                return m if m is not None else await receive()
+
+            await app(asgi_scope, again, send)
+            return
+        scope["path_template"] = _PATH
+        try:
+            resp = await decide_hold(api, account, data, key, _PATH)
+        except Exception as exc:
+            resp = error_response(exc, _PATH)
+        if not isinstance(resp, RawResponse):  # pragma: no cover - always RawResponse
+            raise TypeError("decide_hold must answer a RawResponse")
+        await resp.to_asgi_response(None, None)(asgi_scope, receive, send)
+
+    return handle
+
+
+def _account(tokens: Any, auth: bytes | None) -> str | None:
+    if auth is None or len(auth) < 8 or auth[:7].lower() != b"bearer ":
+        return None
+    account: str | None = tokens.verify(auth[7:].strip().decode("latin-1"))
+    return account

@@ -1,0 +1,99 @@
+"""Prometheus metrics, one registry per worker process.
+
+prometheus-client's multiprocess mode needs a shared directory and a
+``PROMETHEUS_MULTIPROCESS_DIR`` set before the workers fork; granian spawns
+its workers itself, so each worker keeps its own registry and ``GET /metrics``
+answers for the worker that served the request, labelled with ``worker``
+(its pid). Scrape every worker (or sum counters over ``worker`` after a
+scrape through a per-worker port) — the counters and histograms add up;
+gauges are per worker by design (in-flight calls, last-seen inventory).
+
+- ``haoyuan_decisions_total{op, outcome}``: engine decisions (and local
+  answers: ``outcome`` ``sold-out-cached``, ``not-open-cached``, ``shed``).
+- ``haoyuan_http_request_duration_seconds{route, method, status}``.
+- ``haoyuan_engine_call_duration_seconds{op}``.
+- ``haoyuan_inventory_free_units{session}`` / ``..._capacity_units``: from
+  availability reads.
+- ``haoyuan_writer_pending_entries``, ``haoyuan_writer_undelivered_entries``,
+  ``haoyuan_outbox_dead_letters``, ``haoyuan_writer_oldest_pending_age_seconds``,
+  ``haoyuan_outbox_stream_length``: the outbox writer's lag.
+- ``haoyuan_his_pending_bookings``, ``haoyuan_his_oldest_pending_age_seconds``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        w = ["worker"]
+        self.worker = str(os.getpid())
+        self._decisions = Counter(
+            "haoyuan_decisions", "Engine decisions and local answers by outcome",
+            [*w, "op", "outcome"], registry=r)
+        self._requests = Histogram(
+            "haoyuan_http_request_duration_seconds", "HTTP request latency",
+            [*w, "route", "method", "status"], buckets=_BUCKETS, registry=r)
+        self._engine = Histogram(
+            "haoyuan_engine_call_duration_seconds", "Engine call latency",
+            [*w, "op"], buckets=_BUCKETS, registry=r)
+        self.inflight = Gauge(
+            "haoyuan_engine_inflight", "Engine calls in flight", w, registry=r
+        ).labels(self.worker)
+        self.free = Gauge("haoyuan_inventory_free_units", "Free units (last availability read)",
+                          [*w, "session"], registry=r)
+        self.capacity = Gauge("haoyuan_inventory_capacity_units",
+                              "Capacity (last availability read)", [*w, "session"], registry=r)
+        self.writer_pending = Gauge("haoyuan_writer_pending_entries",
+                                    "Outbox entries delivered, not yet committed", registry=r)
+        self.writer_undelivered = Gauge("haoyuan_writer_undelivered_entries",
+                                        "Outbox entries not yet read by the writer", registry=r)
+        self.dead_letters = Gauge("haoyuan_outbox_dead_letters", "Outbox dead letters",
+                                  registry=r)
+        self.writer_age = Gauge("haoyuan_writer_oldest_pending_age_seconds",
+                                "Age of the oldest pending outbox entry", registry=r)
+        self.stream_length = Gauge("haoyuan_outbox_stream_length", "Outbox stream length",
+                                   registry=r)
+        self.his_pending = Gauge("haoyuan_his_pending_bookings",
+                                 "Bookings not yet accepted by HIS", registry=r)
+        self.his_age = Gauge("haoyuan_his_oldest_pending_age_seconds",
+                             "Age of the oldest booking not yet accepted by HIS", registry=r)
+        self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
+
+    def decision(self, op: str, outcome: str) -> None:
+        key = ("d", op, outcome)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = self._decisions.labels(self.worker, op, outcome)
+        c.inc()  # type: ignore[attr-defined]
+
+    def request(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = ("r", route, method, str(status))
+        h = self._children.get(key)
+        if h is None:
+            h = self._children[key] = self._requests.labels(self.worker, route, method, status)
+        h.observe(seconds)  # type: ignore[attr-defined]
+
+    def engine_call(self, op: str, seconds: float) -> None:
+        key = ("e", op)
+        h = self._children.get(key)
+        if h is None:
+            h = self._children[key] = self._engine.labels(self.worker, op)
+        h.observe(seconds)  # type: ignore[attr-defined]
+
+    def inventory(self, session_id: str, free: int, capacity: int) -> None:
+        self.free.labels(self.worker, session_id).set(free)
+        self.capacity.labels(self.worker, session_id).set(capacity)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,215 @@
+"""Admin (separate credentials): import sessions, change capacity, suspend or
+resume a session, look up a booking, run the audit."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Request, get, post, put
+from litestar.params import Parameter
+
+from api import catalog
+from api.context import api_of
+from api.docs import ADMIN, errors
+from api.guards import admin_required
+from api.problems import ProblemError, refused
+from api.schemas import HOLD_ID_RE, CapacityIn, SuspendIn
+from engine.model import SessionSpec
+from engine.outcomes import Loaded, Refused, SlotLoad
+from engine.rules import HospitalRules, apply_rules, load_rules
+from engine.store import queries as q
+
+
+class Imported(msgspec.Struct, frozen=True):
+    sessions: list[Loaded]
+
+
+class SuspendedOut(msgspec.Struct, frozen=True):
+    session_id: str
+    cancelled: int
+    released: int
+    server_ms: int
+
+
+class ResumedOut(msgspec.Struct, frozen=True):
+    session_id: str
+    status: str = "open"
+
+
+class AuditBreach(msgspec.Struct, frozen=True):
+    session_id: str
+    breach: str
+
+
+class AuditOut(msgspec.Struct, frozen=True):
+    ok: bool
+    sessions: int
+    breaches: list[AuditBreach]
+    run_id: int | None = None
+
+
+class AdminBookingOut(msgspec.Struct, frozen=True, kw_only=True):
+    booking_id: str
+    session_id: str
+    slot_id: str
+    unit: int | None
+    account_id: str
+    state: str
+    fee: int | None = None
+    payment_ref: str | None = None
+    persisted: bool = False
+    status: str | None = None
+    his_status: str | None = None
+    his_id: str | None = None
+
+
+_MAX_IMPORT = 500
+SessionList = Annotated[list[SessionSpec], msgspec.Meta(min_length=1, max_length=_MAX_IMPORT)]
+_STATES = {"h": "held", "b": "booked", "x": "expired", "v": "released", "c": "cancelled",
+           "r": "refund_due"}
+
+
+class AdminController(Controller):
+    path = "/v1/admin"
+    tags = ("admin",)
+    before_request = staticmethod(admin_required)
+    security = ADMIN
+
+    @post("/sessions", status_code=200, responses=errors(401, 409, 422),
+          summary="Import sessions (the engine's session JSON): catalogue and inventory")
+    async def import_sessions(
+        self,
+        request: Request[Any, Any, Any],
+        data: SessionList,
+        with_rules: Annotated[bool, Parameter(
+            query="apply_rules",
+            description="Apply the stored rules of each session's hospital and department"
+                        " (release calendar, cut-off, pools, waitlist, deadlines)")] = False,
+    ) -> Imported:
+        """Idempotent. Written to PostgreSQL (the catalogue) first, then loaded
+        into the engine; a session cannot move to another department, doctor
+        or date (409). With ``apply_rules=true`` the hospital's rules (``PUT
+        /v1/admin/rules/{hospital_id}``, the defaults if none) replace the
+        session's calendar, pools, waitlist and deadline fields."""
+        api = api_of(request)
+        if not 1 <= len(data) <= _MAX_IMPORT:
+            raise ProblemError.of("invalid-input", f"send 1..{_MAX_IMPORT} sessions",
+                                  instance=request.scope["path"])
+        if with_rules:
+            per_hospital: dict[str, HospitalRules] = {}
+            for s in data:
+                if s.hospital not in per_hospital:
+                    per_hospital[s.hospital] = await load_rules(api.pool, s.hospital)
+            try:
+                data = [apply_rules(s, per_hospital[s.hospital].for_dept(s.dept)) for s in data]
+            except ValueError:  # a bad date; rules stored before validation of overrides
+                raise ProblemError.of("invalid-input", "the rules cannot be applied",
+                                      instance=request.scope["path"]) from None
+        for s in data:  # the schema's pattern lets 2026-02-31 through; PostgreSQL would not
+            try:
+                dt.date.fromisoformat(s.date)
+            except ValueError:
+                raise ProblemError.of("invalid-input", f"session {s.session_id}: no such date",
+                                      instance=request.scope["path"]) from None
+        stored = [q.StoredSession.from_spec(s) for s in data]
+        try:
+            async with api.pool.acquire() as conn:
+                await q.upsert_schedule(conn, stored)
+        except q.ScheduleConflict as exc:
+            raise ProblemError.of("schedule-conflict", str(exc),
+                                  instance=request.scope["path"]) from None
+        loaded = [await api.engine.load_session(s) for s in data]
+        for s in data:
+            api.release_times.forget(s.session_id)
+            api.soldout.clear(s.session_id)
+            api.availability_cache.forget("s:" + s.session_id)
+        api.catalog_cache.clear()
+        return Imported(sessions=loaded)
+
+    @put("/sessions/{session_id:str}/slots/{slot_id:str}/capacity",
+         responses=errors(401, 404, 409, 422), summary="Change a slot's capacity")
+    async def capacity(
+        self, request: Request[Any, Any, Any], session_id: str, slot_id: str, data: CapacityIn
+    ) -> SlotLoad:
+        """``requested`` is what was asked; ``capacity`` what the engine set (it
+        never takes back held or booked units)."""
+        api = api_of(request)
+        out = await api.engine.set_capacity(session_id, slot_id, data.capacity)
+        if isinstance(out, Refused):
+            raise ProblemError(refused(out, request.scope["path"]))
+        await catalog.set_slot_capacity(api.pool, session_id, slot_id, out.capacity)
+        api.soldout.clear(session_id)
+        api.availability_cache.forget("s:" + session_id)
+        api.catalog_cache.clear()
+        return out
+
+    @post("/sessions/{session_id:str}/suspend", status_code=200,
+          responses=errors(401, 404, 409, 422), summary="Suspend a session (停诊)")
+    async def suspend(
+        self, request: Request[Any, Any, Any], session_id: str, data: SuspendIn
+    ) -> SuspendedOut:
+        """Every hold is released and every booking cancelled (and refunded)."""
+        api = api_of(request)
+        out = await api.engine.suspend(session_id, data.reason)
+        if isinstance(out, Refused):
+            raise ProblemError(refused(out, request.scope["path"]))
+        await q.set_session_status(api.pool, session_id, "suspended")
+        api.availability_cache.forget("s:" + session_id)
+        api.catalog_cache.clear()
+        return SuspendedOut(out.session_id, out.cancelled, out.released, out.server_ms)
+
+    @post("/sessions/{session_id:str}/resume", status_code=200, responses=errors(401, 404),
+          summary="Reopen a suspended session")
+    async def resume(self, request: Request[Any, Any, Any], session_id: str) -> ResumedOut:
+        api = api_of(request)
+        if not await api.engine.resume(session_id):
+            raise ProblemError.of("not-found", "no such session", instance=request.scope["path"])
+        await q.set_session_status(api.pool, session_id, "open")
+        api.availability_cache.forget("s:" + session_id)
+        api.catalog_cache.clear()
+        return ResumedOut(session_id)
+
+    @get("/bookings/{booking_id:str}", responses=errors(401, 404),
+         summary="Look up any booking or hold")
+    async def booking(self, request: Request[Any, Any, Any], booking_id: str) -> AdminBookingOut:
+        api = api_of(request)
+        if not HOLD_ID_RE.fullmatch(booking_id):
+            raise ProblemError.of("not-found", "no such booking", instance=request.scope["path"])
+        rec = await api.engine.record(booking_id)
+        row = await q.booking_by_id(api.pool, booking_id)
+        if rec is None and row is None:
+            raise ProblemError.of("not-found", "no such booking", instance=request.scope["path"])
+        if rec is None:
+            assert row is not None
+            return AdminBookingOut(
+                booking_id=row.id, session_id=row.session_id, slot_id=row.slot_id, unit=row.unit,
+                account_id=row.account_id, state=row.status, fee=row.fee_cents,
+                payment_ref=row.payment_ref, persisted=True, status=row.status,
+                his_status=row.his_status, his_id=row.his_id)
+        return AdminBookingOut(
+            booking_id=rec["id"], session_id=rec["sid"], slot_id=rec["slot"],
+            unit=int(rec["unit"]), account_id=str(rec.get("acct", "")),
+            state=_STATES.get(str(rec.get("st")), str(rec.get("st"))),
+            fee=int(rec["fee"]) if rec.get("fee") is not None else None,
+            payment_ref=rec.get("pay") or None, persisted=row is not None,
+            status=None if row is None else row.status,
+            his_status=None if row is None else row.his_status,
+            his_id=None if row is None else row.his_id)
+
+    @post("/audit", status_code=200, responses=errors(401),
+          summary="Audit conservation of every session (capacity = free + held + booked)")
+    async def audit(self, request: Request[Any, Any, Any]) -> AuditOut:
+        api = api_of(request)
+        started = dt.datetime.now(dt.UTC)
+        breaches: list[AuditBreach] = []
+        sids = await api.engine.session_ids()
+        for sid in sids:
+            a = await api.engine.audit(sid)
+            breaches += [AuditBreach(sid, b) for b in a.breaches]
+        ok = not breaches
+        run_id = await q.record_audit_run(
+            api.pool, started_at=started, finished_at=dt.datetime.now(dt.UTC), ok=ok,
+            sessions=len(sids), breaches=breaches)
+        return AuditOut(ok=ok, sessions=len(sids), breaches=breaches, run_id=run_id)

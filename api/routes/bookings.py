@@ -1,0 +1,124 @@
+"""The account's bookings (预约): list, look at one, cancel one.
+
+The list comes from PostgreSQL (the record, written by the outbox writer a
+moment after confirmation); one booking's state comes from Redis (current)
+with its HIS status from PostgreSQL once persisted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import msgspec
+import structlog
+from litestar import Controller, Request, Response, get, post
+
+from api import catalog
+from api.context import Api, api_of
+from api.docs import ACCOUNT, errors
+from api.guards import account_of, account_required
+from api.problems import json_response, refused
+from api.routes.holds import not_found, own_record, shed
+from api.schemas import HOLD_ID_RE, BookingOut, CancelledOut
+from engine.outcomes import Refused
+from engine.rules import check_ban
+from engine.store import queries as q
+
+log = structlog.get_logger("haoyuan.api")
+_encode = msgspec.json.Encoder().encode
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_BOOKED_STATES = {"b": "booked", "c": "cancelled", "r": "refund_due"}
+
+
+def _ms(t: dt.datetime | None) -> int | None:
+    return None if t is None else (t - _EPOCH) // dt.timedelta(milliseconds=1)
+
+
+def _row(r: q.BookingRow) -> BookingOut:
+    return BookingOut(
+        booking_id=r.id, session_id=r.session_id, slot_id=r.slot_id, unit=r.unit,
+        status=r.status, fee=r.fee_cents, booked_at_ms=_ms(r.booked_at),
+        cancelled_at_ms=_ms(r.cancelled_at), his_status=r.his_status,
+    )
+
+
+async def _late_cancel(api: Api, booking_id: str) -> None:
+    """A late cancel counts toward the no-show policy: ban the patient at the
+    limit. Best effort: the cancel stands whatever happens here.
+
+    The outbox writer records the cancel in PostgreSQL a moment later; the
+    row is marked here first (when it exists) so that this cancel counts."""
+    try:
+        rec = await api.engine.record(booking_id)
+        patient = None if rec is None else rec.get("pat")
+        if not patient:
+            return
+        await api.pool.execute(
+            "UPDATE bookings SET late_cancel = true, cancelled_at = coalesce(cancelled_at, now())"
+            " WHERE id = $1", booking_id)
+        rules = await catalog.rules_for_session(api.pool, booking_id.split(".")[1])
+        await check_ban(api.pool, api.engine, str(patient), rules)
+    except Exception as exc:
+        log.warning("late_cancel_ban_check_failed", booking_id=booking_id,
+                    error=type(exc).__name__)
+
+
+class BookingController(Controller):
+    path = "/v1/bookings"
+    tags = ("book",)
+    before_request = staticmethod(account_required)
+    security = ACCOUNT
+
+    @get("/", responses=errors(401), summary="The account's bookings, newest first")
+    async def list_(self, request: Request[Any, Any, Any]) -> list[BookingOut]:
+        api = api_of(request)
+        rows = await q.bookings_for_account(api.pool, account_of(request))
+        return [_row(r) for r in rows]
+
+    @get("/{booking_id:str}", responses=errors(401, 404), summary="One of the account's bookings")
+    async def view(self, request: Request[Any, Any, Any], booking_id: str) -> BookingOut:
+        api = api_of(request)
+        path: str = request.scope["path"]
+        rec = await own_record(api, booking_id, account_of(request), path)
+        status = _BOOKED_STATES.get(str(rec.get("st")))
+        if status is None:
+            raise not_found(path, "booking")
+        row = await q.booking_by_id(api.pool, booking_id)
+        return BookingOut(
+            booking_id=rec["id"], session_id=rec["sid"], slot_id=rec["slot"],
+            unit=int(rec["unit"]), status=status,  # type: ignore[arg-type]
+            fee=int(rec["fee"]) if rec.get("fee") is not None else None,
+            booked_at_ms=int(rec["bt"]) if rec.get("bt") else None,
+            cancelled_at_ms=int(rec["ended"]) if status == "cancelled" and rec.get("ended")
+            else None,
+            his_status=None if row is None else row.his_status,
+            late=bool(rec.get("late")),
+        )
+
+    @post("/{booking_id:str}/cancel", status_code=200, responses=errors(401, 404, 409, 429),
+          summary="Cancel one of the account's bookings")
+    async def cancel(
+        self, request: Request[Any, Any, Any], booking_id: str
+    ) -> Response[CancelledOut]:
+        """Idempotent; refused after the session's cancellation deadline (409)."""
+        api = api_of(request)
+        path: str = request.scope["path"]
+        if not HOLD_ID_RE.fullmatch(booking_id):
+            raise not_found(path, "booking")
+        if not api.admission.enter():
+            return shed(api, "cancel", path)
+        try:
+            out = await api.engine.cancel(booking_id, account=account_of(request), reason="patient")
+        finally:
+            api.admission.leave()
+        if isinstance(out, Refused):
+            api.metrics.decision("cancel", out.reason.value)
+            return refused(out, path)
+        api.metrics.decision("cancel", "cancelled")
+        api.soldout.clear(booking_id.split(".")[1])
+        if out.late and not out.replay:
+            await _late_cancel(api, booking_id)
+        body = CancelledOut(booking_id=booking_id, server_ms=out.server_ms, reason=out.reason,
+                            replay=out.replay)
+        return json_response(_encode(body))

@@ -1,0 +1,200 @@
+"""Holds (锁号): take a unit, look at it, let it go; the payment callback confirms it.
+
+POST /v1/holds is the release-morning hot path. In order, cheapest first:
+
+1. "not open yet" from the release instant Redis told this worker, and the
+   locally estimated Redis time (no Redis call);
+2. "sold out" from this worker's sold-out cache (no Redis call) — only for
+   requests without an Idempotency-Key, and keyed ones with no stored
+   answer (Engine.has_answer, batched): a keyed request may be the retry of
+   a hold whose answer was lost, and Redis holds its first answer;
+3. the patient ref from the per-worker cache (PostgreSQL on first use only);
+4. admission: above ``max_inflight`` engine calls in flight, 429 at once;
+5. one engine call (one Lua script, batched with concurrent calls).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import msgspec
+import structlog
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.params import Parameter
+
+from api.context import Api, api_of
+from api.docs import ACCOUNT, PAYMENT, errors
+from api.guards import account_of, account_required, payment_signed
+from api.problems import REASONS, ProblemError, json_response, problem, refused, retry_after
+from api.schemas import HOLD_ID_RE, BookingOut, HoldIn, HoldOut, HoldView, PaymentIn, ReleasedOut
+from engine.outcomes import MESSAGES, Held, Reason, Refused
+
+log = structlog.get_logger("haoyuan.api")
+_encode = msgspec.json.Encoder().encode
+_NOT_OPEN = REASONS[Reason.NOT_OPEN]
+_SOLD_OUT = REASONS[Reason.SOLD_OUT]
+_STATES = {"h": "held", "b": "booked", "x": "expired", "v": "released", "c": "cancelled",
+           "r": "refund_due"}
+_REPLAYED = {"Idempotent-Replayed": "true"}
+
+
+def shed(api: Api, op: str, path: str) -> Response[Any]:
+    api.metrics.decision(op, "shed")
+    ms, headers = retry_after(api.settings.shed_retry_after_s * 1000)
+    return problem("overloaded", "too many requests in flight; retry after the given time",
+                   instance=path, headers=headers, retry_after_ms=ms)
+
+
+def not_found(path: str, what: str) -> ProblemError:
+    return ProblemError.of("not-found", f"no such {what}", instance=path)
+
+
+async def own_record(api: Api, record_id: str, account: str, path: str) -> dict[str, Any]:
+    """The account's own hold or booking record; anything else is a 404."""
+    rec = None if not HOLD_ID_RE.fullmatch(record_id) else await api.engine.record(record_id)
+    if rec is None or rec.get("acct") != account:
+        raise not_found(path, "hold or booking")
+    return rec
+
+
+async def decide_hold(
+    api: Api, account: str, data: HoldIn, idempotency_key: str | None, path: str
+) -> Response[Any]:
+    """The hold decision, cheapest answers first (see the module docstring)."""
+    m = api.metrics
+    sid, slot = data.session_id, data.slot_id
+    release_at = api.release_times.get(sid)
+    if release_at is not None:
+        now = api.clock.now_ms()
+        if now < release_at - api.settings.not_open_margin_ms:
+            m.decision("hold", "not-open-cached")
+            return problem(_NOT_OPEN, MESSAGES[Reason.NOT_OPEN], instance=path,
+                           server_ms=now, release_at_ms=release_at)
+    if api.soldout.hit(sid, slot) and (
+        idempotency_key is None
+        # A keyed request may retry a hold whose 201 was lost: only one with
+        # no stored answer (one GET, no script) is answered from the cache.
+        or not await api.engine.has_answer(sid, account, idempotency_key)
+    ):
+        m.decision("hold", "sold-out-cached")
+        return problem(_SOLD_OUT, MESSAGES[Reason.SOLD_OUT], instance=path,
+                       server_ms=api.clock.now_ms())
+    patient = await api.patient_ref(account, data.patient_id)
+    if patient is None:
+        return problem("not-found", "no such patient", instance=path)
+    if not api.admission.enter():
+        return shed(api, "hold", path)
+    t0 = time.perf_counter()
+    try:
+        out = await api.engine.hold(sid, slot, patient=patient, account=account,
+                                    idempotency_key=idempotency_key)
+    finally:
+        api.admission.leave()
+        m.engine_call("hold", time.perf_counter() - t0)
+    if isinstance(out, Held):
+        m.decision("hold", "held")
+        body = HoldOut(out.hold_id, out.session_id, out.slot_id, out.unit,
+                       out.expires_at_ms, out.server_ms, out.replay)
+        return json_response(_encode(body), 201, _REPLAYED if out.replay else None)
+    if out.reason is Reason.SOLD_OUT:
+        api.soldout.mark(sid, slot)
+    elif out.reason is Reason.NOT_OPEN and out.release_at_ms is not None:
+        api.release_times.set(sid, out.release_at_ms)
+    m.decision("hold", out.reason.value)
+    return refused(out, path)
+
+
+class HoldController(Controller):
+    path = "/v1/holds"
+    tags = ("book",)
+
+    @post("/", status_code=201, before_request=account_required, security=ACCOUNT,
+          responses=errors(401, 403, 404, 409, 422, 429), summary="Hold a unit of a slot")
+    async def hold(
+        self,
+        request: Request[Any, Any, Any],
+        data: HoldIn,
+        idempotency_key: Annotated[str | None, Parameter(
+            header="Idempotency-Key", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]{1,64}$",
+            description="Send the same key on a retry: it returns the first answer")] = None,
+    ) -> Response[HoldOut]:
+        """201 with the hold (pay before ``expires_at_ms``); 409 not-open (with
+        ``release_at_ms`` and ``server_ms``), sold-out, duplicate, suspended or
+        closed; 429 rate-limited or shed (Retry-After); 404 for a patient that
+        is not the account's. (Served by ``api.fastpath`` in front of Litestar
+        when the request is well-formed; this handler is its twin and fallback.)"""
+        return await decide_hold(api_of(request), account_of(request), data, idempotency_key,
+                                 request.scope["path"])
+
+    @get("/{hold_id:str}", before_request=account_required, security=ACCOUNT,
+         responses=errors(401, 404), summary="One of the account's holds")
+    async def view(self, request: Request[Any, Any, Any], hold_id: str) -> HoldView:
+        api = api_of(request)
+        rec = await own_record(api, hold_id, account_of(request), request.scope["path"])
+        st = _STATES.get(str(rec.get("st")), "held")
+        return HoldView(
+            hold_id=rec["id"], session_id=rec["sid"], slot_id=rec["slot"], unit=int(rec["unit"]),
+            state=st,  # type: ignore[arg-type]
+            expires_at_ms=int(rec["dl"]) if st == "held" else None,
+            fee=int(rec["fee"]) if rec.get("fee") is not None else None,
+        )
+
+    @delete("/{hold_id:str}", status_code=200, before_request=account_required, security=ACCOUNT,
+            responses=errors(401, 404, 409, 429), summary="Release one of the account's holds")
+    async def release(self, request: Request[Any, Any, Any], hold_id: str) -> Response[ReleasedOut]:
+        api = api_of(request)
+        path: str = request.scope["path"]
+        if not HOLD_ID_RE.fullmatch(hold_id):
+            raise not_found(path, "hold")
+        if not api.admission.enter():
+            return shed(api, "release", path)
+        try:
+            out = await api.engine.release(hold_id, account=account_of(request))
+        finally:
+            api.admission.leave()
+        if isinstance(out, Refused):
+            api.metrics.decision("release", out.reason.value)
+            return refused(out, path)
+        api.metrics.decision("release", "released")
+        api.soldout.clear(hold_id.split(".")[1])  # a unit came back
+        body = ReleasedOut(hold_id=hold_id, server_ms=out.server_ms, replay=out.replay)
+        return json_response(_encode(body))
+
+    @post("/{hold_id:str}/confirm", status_code=200, before_request=payment_signed,
+          security=PAYMENT, responses=errors(401, 404, 409, 422, 429),
+          summary="Payment callback: the hold becomes a booking")
+    async def confirm(
+        self, request: Request[Any, Any, Any], hold_id: str, data: PaymentIn
+    ) -> Response[BookingOut]:
+        """Signed by the payment side (not callable with an account token).
+        Idempotent: a repeated callback answers the same booking. A payment
+        after the hold ended books a free unit if one is left (``late``), else
+        409 expired with ``refund_due``."""
+        api = api_of(request)
+        path: str = request.scope["path"]
+        rec = None if not HOLD_ID_RE.fullmatch(hold_id) else await api.engine.record(hold_id)
+        if rec is None:
+            raise not_found(path, "hold")
+        log.info("payment_callback", hold_id=hold_id, payment_ref=data.payment_ref,
+                 amount=data.amount)
+        fee = rec.get("fee")
+        if fee is not None and int(fee) != data.amount:
+            api.metrics.decision("confirm", "amount-mismatch")
+            return problem("amount-mismatch", f"the fee of this hold is {int(fee)}",
+                           instance=path)
+        if not api.admission.enter():
+            return shed(api, "confirm", path)
+        try:
+            out = await api.engine.confirm(hold_id, data.payment_ref)
+        finally:
+            api.admission.leave()
+        if isinstance(out, Refused):
+            api.metrics.decision("confirm", out.reason.value)
+            return refused(out, path)
+        api.metrics.decision("confirm", "booked")
+        body = BookingOut(booking_id=out.booking_id, session_id=out.session_id,
+                          slot_id=out.slot_id, unit=out.unit, status="booked",
+                          fee=int(fee) if fee is not None else None, server_ms=out.server_ms,
+                          late=out.late, replay=out.replay)
+        return json_response(_encode(body))

@@ -1,0 +1,240 @@
+"""Request and response bodies (msgspec Structs): the API's contract.
+
+Inputs forbid unknown fields (mass assignment is a 422, nothing changes).
+Identifiers share the engine's patterns (``engine.model``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+import msgspec
+
+from engine.model import SessionId, SlotId
+
+__all__ = [
+    "HOLD_ID_RE",
+    "IDEMPOTENCY_RE",
+    "AttendanceIn",
+    "BanLiftedOut",
+    "BookingOut",
+    "CancelledOut",
+    "CapacityIn",
+    "DepartmentOut",
+    "DoctorOut",
+    "HoldIn",
+    "HoldOut",
+    "HoldView",
+    "HospitalOut",
+    "PatientIn",
+    "PatientOut",
+    "PaymentIn",
+    "ReleasedOut",
+    "SessionOut",
+    "SlotOut",
+    "StaffHoldIn",
+    "SuspendIn",
+    "TokenOut",
+    "WaitlistIn",
+    "WaitlistOut",
+    "WechatLoginIn",
+]
+
+#: Hold and booking ids: ``<partition>.<session id>.<sequence>``.
+HOLD_ID_RE = re.compile(r"\d{1,3}\.[A-Za-z0-9_-]{1,64}\.\d{1,19}", re.ASCII)
+IDEMPOTENCY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
+
+Uuid = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Ms = Annotated[int, msgspec.Meta(ge=0)]
+
+
+# --------------------------------------------------------------------------- auth
+
+
+class WechatLoginIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    code: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class TokenOut(msgspec.Struct, frozen=True):
+    token: str
+    expires_at_ms: int
+    account_id: str
+    token_type: Literal["Bearer"] = "Bearer"
+
+
+# --------------------------------------------------------------------------- patients
+
+
+class PatientIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    phone: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+    national_id: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+
+
+class PatientOut(msgspec.Struct, frozen=True):
+    """A bound patient, masked: ``张*丰``, ``138****1234``, ``110***********1234``."""
+
+    patient_id: str
+    name: str
+    phone: str
+    national_id: str
+    created_at_ms: int
+
+
+# --------------------------------------------------------------------------- catalogue
+
+
+class HospitalOut(msgspec.Struct, frozen=True):
+    hospital_id: str
+    name: str
+
+
+class DepartmentOut(msgspec.Struct, frozen=True):
+    dept_id: str
+    hospital_id: str
+    name: str
+
+
+class DoctorOut(msgspec.Struct, frozen=True):
+    doctor_id: str
+    dept_id: str
+    hospital_id: str
+    name: str
+    title: str | None = None
+
+
+class SlotOut(msgspec.Struct, frozen=True):
+    slot_id: str
+    start: str
+    end: str
+    capacity: int
+
+
+class SessionOut(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    hospital_id: str
+    dept_id: str
+    doctor_id: str
+    doctor_name: str
+    date: str
+    period: Literal["AM", "PM"]
+    fee: int
+    release_at_ms: int
+    cutoff_ms: int | None = None
+    starts_ms: int | None = None
+    status: Literal["open", "suspended"]
+    slots: list[SlotOut]
+
+
+# --------------------------------------------------------------------------- holds, bookings
+
+
+class HoldIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    session_id: SessionId
+    slot_id: SlotId
+    patient_id: Uuid
+
+
+class HoldOut(msgspec.Struct, frozen=True):
+    hold_id: str
+    session_id: str
+    slot_id: str
+    unit: int
+    expires_at_ms: int
+    server_ms: int
+    replay: bool = False
+
+
+HoldState = Literal["held", "booked", "expired", "released", "cancelled", "refund_due"]
+
+
+class HoldView(msgspec.Struct, frozen=True, kw_only=True):
+    hold_id: str
+    session_id: str
+    slot_id: str
+    unit: int
+    state: HoldState
+    expires_at_ms: int | None = None
+    fee: int | None = None
+
+
+class PaymentIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    payment_ref: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+    amount: Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]
+
+
+class BookingOut(msgspec.Struct, frozen=True, kw_only=True):
+    booking_id: str
+    session_id: str
+    slot_id: str
+    unit: int | None
+    status: Literal["booked", "cancelled", "refund_due", "conflict"]
+    fee: int | None = None
+    server_ms: int | None = None
+    booked_at_ms: int | None = None
+    cancelled_at_ms: int | None = None
+    his_status: str | None = None
+    late: bool = False
+    replay: bool = False
+
+
+class ReleasedOut(msgspec.Struct, frozen=True):
+    hold_id: str
+    server_ms: int
+    status: Literal["released"] = "released"
+    replay: bool = False
+
+
+class CancelledOut(msgspec.Struct, frozen=True):
+    booking_id: str
+    server_ms: int
+    reason: str
+    status: Literal["cancelled"] = "cancelled"
+    replay: bool = False
+
+
+class WaitlistIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    patient_id: Uuid
+
+
+class WaitlistOut(msgspec.Struct, frozen=True):
+    """The patient's place on the session's waitlist (候补), 1 = next offer."""
+
+    session_id: str
+    position: int
+    server_ms: int
+    replay: bool = False
+
+
+# --------------------------------------------------------------------------- admin
+
+
+class CapacityIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    capacity: Annotated[int, msgspec.Meta(ge=0, le=9999)]
+
+
+class SuspendIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    reason: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,32}$")] = "doctor_stopped"
+
+
+#: A patient ref: the keyed hash of the national ID (``Crypto.id_hash``).
+PatientRef = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_:.-]{1,128}$")]
+
+
+class StaffHoldIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A hold made by hospital staff for a patient of a staff channel (号源池)."""
+
+    session_id: SessionId
+    slot_id: SlotId
+    patient_ref: PatientRef
+    channel: Literal["phone", "window", "referral"]
+
+
+class AttendanceIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    attended: bool
+
+
+class BanLiftedOut(msgspec.Struct, frozen=True):
+    patient_ref: str
+    lifted: int

@@ -1,0 +1,746 @@
+"""Engine: the embeddable async core.
+
+    async with Engine.connect("redis://127.0.0.1:6379/0") as eng:
+        await eng.load_session(spec)
+        held = await eng.hold("S1", "0800", patient=ref, account="a1")
+        if held.ok:
+            booked = await eng.confirm(held.hold_id, payment_ref="pay-1")
+
+Every decision is one Lua script (``lua/``) run atomically in Redis; every
+refusal comes back as a ``Refused`` value with a ``Reason``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import msgspec
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from engine import keys as K
+from engine.model import SessionSpec
+from engine.outcomes import (
+    Availability,
+    Booked,
+    Cancelled,
+    Code,
+    Held,
+    Loaded,
+    Reason,
+    Refused,
+    Released,
+    SessionAudit,
+    SessionAvailability,
+    SlotAudit,
+    SlotAvailability,
+    SlotLoad,
+    Suspended,
+    Waitlisted,
+    refused_from,
+)
+from engine.scripts import AnyRedis, Arg, ScriptError, ScriptRunner
+
+__all__ = ["Engine", "EngineConfig", "ScriptError", "SessionRef"]
+
+_decode = msgspec.json.Decoder(dict[str, Any]).decode
+_SLOT_BASE = 1_000_000
+_POOL_BASE = 100_000
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Settings with defaults that work locally."""
+
+    #: GCRA per account: sustained requests per second and burst.
+    account_rate_per_s: float = 2.0
+    account_burst: int = 10
+    #: GCRA per patient (across the accounts that bind them).
+    patient_rate_per_s: float = 1.0
+    patient_burst: int = 5
+    idempotency_ttl_ms: int = 24 * 3600 * 1000
+    #: Expired holds of a session reclaimed by each hold on the way.
+    reclaim_per_hold: int = 3
+    #: Coalesce concurrent script calls into pipelines.
+    batch: bool = True
+    pipelines_in_flight: int = 2
+    #: Added to Redis server time in every decision. Tests only.
+    clock_offset_ms: int = 0
+    socket_timeout_s: float = 5.0
+    cluster: bool = False
+    #: What must hold before a write is acknowledged (checked at connect):
+    #: "aof-always" (Redis must run appendonly yes, appendfsync always),
+    #: "aof-everysec", "wait" (``wait_replicas`` replicas within
+    #: ``wait_timeout_ms``, via WAIT on the batch's connection), or "none".
+    durability: str = "none"
+    wait_replicas: int = 1
+    wait_timeout_ms: int = 100
+    #: 号源池: the pools each channel may draw from (0 public, 1 phone,
+    #: 2 window, 3 referral), lowest queue number first.
+    channel_pools: dict[str, str] = field(default_factory=lambda: {
+        "app": "0", "phone": "1,0", "window": "2,0", "referral": "3,0", "admin": "0,1,2,3",
+    })
+    #: Hospital-wide patient rules on the patient's own partition: bans (no-show
+    #: policy) and at most ``max_active_per_patient`` active holds and bookings
+    #: (0 = no limit). Costs one more script per hold; off unless configured.
+    patient_rules: bool = False
+    max_active_per_patient: int = 0
+    #: Lifetime of the patient-wide reservation made before a hold: if the
+    #: engine dies before settling it, it lapses by itself.
+    patient_reservation_ms: int = 15 * 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRef:
+    """What the engine must know of a session to name its keys."""
+
+    session_id: str
+    partition: int
+    dept: str
+    doctor: str
+    date: str
+    scope: str
+    starts_ms: int = 0
+
+    @property
+    def keys(self) -> K.SessionKeys:
+        return K.SessionKeys(self.partition, self.session_id)
+
+    @property
+    def bundle(self) -> list[str]:
+        return self.keys.bundle(self.rule_key)
+
+    @property
+    def rule_key(self) -> str:
+        return K.PartitionKeys(self.partition).rule(self.scope, self.dept, self.doctor, self.date)
+
+
+def _rnd() -> str:
+    """A random number in [0, 1) for the anti-scalper delay of returned units."""
+    return f"{random.random():.6f}"
+
+
+def _gcra(rate_per_s: float) -> int:
+    return 0 if rate_per_s <= 0 else max(1, round(1000.0 / rate_per_s))
+
+
+@dataclass
+class Engine:
+    client: AnyRedis
+    config: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        if c.durability not in ("none", "aof-always", "aof-everysec", "wait"):
+            raise ValueError(f"unknown durability mode {c.durability!r}")
+        self.runner = ScriptRunner(
+            self.client, batch=c.batch, in_flight=c.pipelines_in_flight,
+            wait_replicas=c.wait_replicas if c.durability == "wait" else 0,
+            wait_timeout_ms=c.wait_timeout_ms,
+        )
+        self._refs: dict[str, SessionRef] = {}
+        self._ref_lookups: dict[str, asyncio.Future[SessionRef | None]] = {}
+        self._own_client = False
+        # Request ids for holds without a client key: unique per process run.
+        self._process_tag = f"e{uuid.uuid4().hex[:12]}-"
+        self._requests = 0
+
+    # -- lifecycle -------------------------------------------------------
+    @classmethod
+    def connect(cls, url: str, config: EngineConfig | None = None) -> Engine:
+        config = config or EngineConfig()
+        client: AnyRedis
+        if config.cluster:
+            client = RedisCluster.from_url(
+                url, socket_timeout=config.socket_timeout_s,
+                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
+            )
+        else:
+            # A blocking pool: a burst waits for a connection instead of failing.
+            # Every script is idempotent (request ids, hold ids), so a command
+            # whose connection broke may safely run again: retry a few times.
+            pool = BlockingConnectionPool.from_url(
+                url, socket_timeout=config.socket_timeout_s, max_connections=64, timeout=10,
+                retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3),
+                retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            )
+            client = Redis(connection_pool=pool)
+        eng = cls(client, config)
+        eng._own_client = True
+        return eng
+
+    async def __aenter__(self) -> Engine:
+        await self.check_durability()
+        await self.runner.load_all()
+        return self
+
+    async def check_durability(self) -> None:
+        """Refuse to run when Redis does not provide the configured mode."""
+        mode = self.config.durability
+        if mode not in ("aof-always", "aof-everysec"):
+            return
+        want = mode.removeprefix("aof-")
+        conf: dict[Any, Any] = await self.client.config_get("append*")
+        got = {_txt(k): _txt(v) for k, v in conf.items()}
+        if got.get("appendonly") != "yes" or got.get("appendfsync") != want:
+            raise RuntimeError(
+                f"durability {mode!r} needs appendonly yes and appendfsync {want}; Redis has "
+                f"appendonly {got.get('appendonly')} and appendfsync {got.get('appendfsync')}"
+            )
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._own_client:
+            await self.client.aclose()
+
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Arg]) -> dict[str, Any]:
+        raw = await self.runner.run(name, keys, args)
+        return _decode(raw)
+
+    @property
+    def _off(self) -> int:
+        return self.config.clock_offset_ms
+
+    async def server_time_ms(self) -> int:
+        sec, usec = await self.client.time()
+        return int(sec) * 1000 + int(usec) // 1000 + self._off
+
+    # -- sessions --------------------------------------------------------
+    async def load_session(self, spec: SessionSpec) -> Loaded:
+        p = K.partition_of(spec.dept, spec.date)
+        sk, pk = K.SessionKeys(p, spec.session_id), K.PartitionKeys(p)
+        d = await self._run(
+            "loadSession",
+            [sk.meta, sk.free, sk.units, pk.dept_day(spec.dept, spec.date), pk.sessions],
+            [spec.session_id, spec.lua_json()],
+        )
+        await self.client.hset(K.SESSION_INDEX, spec.session_id, p)
+        self._refs[spec.session_id] = SessionRef(
+            spec.session_id, p, spec.dept, spec.doctor, spec.date, spec.scope, spec.starts_ms
+        )
+        return Loaded(
+            session_id=spec.session_id,
+            partition=p,
+            created=bool(d["created"]),
+            slots=[SlotLoad(s["id"], int(s["cap"]), int(s["requested"])) for s in d["slots"]],
+        )
+
+    async def ref(self, session_id: str) -> SessionRef | None:
+        """The session's partition and rule scope (cached in process: they never change)."""
+        ref = self._refs.get(session_id)
+        if ref is not None:
+            return ref
+        if not K.ID_RE.match(session_id):
+            return None
+        # A thousand callers missing the cache at once share one lookup.
+        pending = self._ref_lookups.get(session_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[SessionRef | None] = asyncio.get_running_loop().create_future()
+        self._ref_lookups[session_id] = fut
+        try:
+            ref = await self._lookup_ref(session_id)
+            fut.set_result(ref)
+            return ref
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: callers that share it re-raise it
+            raise
+        finally:
+            del self._ref_lookups[session_id]
+
+    async def _lookup_ref(self, session_id: str) -> SessionRef | None:
+        p = await self.client.hget(K.SESSION_INDEX, session_id)
+        if p is None:
+            return None
+        meta = await self.client.hmget(
+            K.SessionKeys(int(p), session_id).meta,
+            ["dept", "doctor", "date", "scope", "starts_ms"],
+        )
+        if meta[0] is None:
+            return None
+        dept, doctor, date, scope, starts = (_txt(v) for v in meta)
+        ref = SessionRef(session_id, int(p), dept, doctor, date, scope, int(starts or 0))
+        self._refs[session_id] = ref
+        return ref
+
+    async def _not_found(self, what: str) -> Refused:
+        r = refused_from({"o": Code.NOT_FOUND, "now": await self.server_time_ms(), "what": what})
+        return r
+
+    async def set_capacity(
+        self, session_id: str, slot_id: str, capacity: int
+    ) -> SlotLoad | Refused:
+        ref = await self.ref(session_id)
+        if ref is None:
+            return await self._not_found("session")
+        d = await self._run(
+            "setCapacity", [ref.keys.meta, ref.keys.free], [slot_id, capacity]
+        )
+        if d["o"] != Code.OK:
+            return refused_from(d)
+        return SlotLoad(slot_id, int(d["cap"]), int(d["requested"]))
+
+    async def suspend(self, session_id: str, reason: str = "doctor_stopped") -> Suspended | Refused:
+        ref = await self.ref(session_id)
+        if ref is None:
+            return await self._not_found("session")
+        d = await self._run("suspendSession", ref.bundle, [reason, self._off])
+        if d["o"] != Code.OK:
+            return refused_from(d)
+        return Suspended(session_id, int(d["cancelled"]), int(d["released"]), int(d["now"]))
+
+    async def resume(self, session_id: str) -> bool:
+        ref = await self.ref(session_id)
+        if ref is None:
+            return False
+        d = await self._run("resumeSession", [ref.keys.meta], [self._off])
+        return bool(d["o"] == Code.OK)
+
+    # -- the grab ----------------------------------------------------------
+    async def hold(
+        self,
+        session_id: str,
+        slot_id: str,
+        *,
+        patient: str,
+        account: str,
+        idempotency_key: str | None = None,
+        channel: str = "app",
+    ) -> Held | Refused:
+        """Hold the lowest free unit of a slot for a patient.
+
+        ``patient`` is the keyed hash of the patient's national ID (never the
+        raw number); ``account`` the logged-in account; ``channel`` picks the
+        pools (号源池) it may draw from. Without an idempotency key one is made
+        up, so that a retry inside the client cannot hold twice.
+        """
+        if not patient or not account or "|" in patient or "|" in account:
+            raise ScriptError("patient and account are required (no '|')")
+        pools = self.config.channel_pools.get(channel)
+        if pools is None:
+            raise ScriptError(f"unknown channel {channel!r}")
+        ref = await self.ref(session_id)
+        if ref is None:
+            return await self._not_found("session")
+        rq = idempotency_key or self._request_id()
+        c = self.config
+        if c.patient_rules:
+            r = await self._reserve_patient(patient, f"{account}:{rq}")
+            if r is not None:
+                return r
+        pk = sk_part(ref)
+        d = await self._run(
+            "holdUnit",
+            [*ref.bundle, pk.idempotency(account, rq), pk.rate_account(account),
+             pk.rate_patient(patient)],
+            [session_id, slot_id, patient, account, pools,
+             _gcra(c.account_rate_per_s), c.account_burst,
+             _gcra(c.patient_rate_per_s), c.patient_burst,
+             c.idempotency_ttl_ms, c.reclaim_per_hold, self._off,
+             "0" if idempotency_key is None else "1", _rnd(), f"{account}:{rq}"],
+        )
+        if d["o"] != Code.OK:
+            if c.patient_rules:  # compensation: the patient-wide place goes back
+                await self._settle_patient(patient, f"{account}:{rq}", 0)
+            return refused_from(d)
+        if c.patient_rules:
+            await self._settle_patient(patient, f"{account}:{rq}", int(d["dl"]) + 1000)
+        return Held(
+            hold_id=d["id"], session_id=d["sid"], slot_id=d["slot"], unit=int(d["unit"]),
+            expires_at_ms=int(d["dl"]), server_ms=int(d["now"]), replay=bool(d.get("rp", 0)),
+        )
+
+    async def has_answer(self, session_id: str, account: str, idempotency_key: str) -> bool:
+        """Whether a hold under this key already has a stored answer (a tiny
+        read-only script, batched with the holds). A caller may answer a keyed
+        request from a sold-out cache only when it has none: otherwise the
+        request is a retry, to be replayed."""
+        ref = await self.ref(session_id)
+        if ref is None:
+            return False
+        key = K.PartitionKeys(ref.partition).idempotency(account, idempotency_key)
+        return bool(await self.runner.run("peekAnswer", [key], []))
+
+    async def _reserve_patient(self, patient: str, rq: str) -> Refused | None:
+        """The hospital-wide step on the patient's partition (bans, active limit)."""
+        pk = K.PartitionKeys(K.partition_of_patient(patient))
+        d = await self._run(
+            "reservePatient", [pk.patient_active(patient), pk.patient_ban(patient)],
+            [rq, self.config.max_active_per_patient, self.config.patient_reservation_ms,
+             self._off],
+        )
+        return None if d["o"] == Code.OK else refused_from(d)
+
+    async def _settle_patient(self, patient: str, rq: str, until_ms: int) -> None:
+        pk = K.PartitionKeys(K.partition_of_patient(patient))
+        await self._run("settlePatient", [pk.patient_active(patient)], [rq, until_ms])
+
+    async def active_count(self, patient: str) -> int:
+        """The patient's active holds and bookings, hospital-wide (patient rules on)."""
+        pk = K.PartitionKeys(K.partition_of_patient(patient))
+        now = await self.server_time_ms()
+        return int(await self.client.zcount(pk.patient_active(patient), now, "+inf"))
+
+    async def ban(self, patient: str, until_ms: int) -> None:
+        """Bar a patient from holding until a time (no-show policy); 0 lifts it."""
+        pk = K.PartitionKeys(K.partition_of_patient(patient))
+        if until_ms <= 0:
+            await self.client.delete(pk.patient_ban(patient))
+            return
+        ttl = max(1, until_ms - await self.server_time_ms())
+        await self.client.set(pk.patient_ban(patient), str(until_ms), px=ttl)
+
+    async def join_waitlist(
+        self, session_id: str, *, patient: str, account: str, channel: str = "app"
+    ) -> Waitlisted | Refused:
+        """候补: wait for a returned unit of a sold-out session."""
+        pools = self.config.channel_pools.get(channel)
+        if pools is None:
+            raise ScriptError(f"unknown channel {channel!r}")
+        ref = await self.ref(session_id)
+        if ref is None:
+            return await self._not_found("session")
+        if self.config.patient_rules:
+            # A banned patient may not queue for an offer either (the ban lives on
+            # the patient's partition: read before the join, which changes nothing
+            # for anyone else).
+            pk = K.PartitionKeys(K.partition_of_patient(patient))
+            until = await self.client.get(pk.patient_ban(patient))
+            now = await self.server_time_ms()
+            if until is not None and int(until) > now:
+                return refused_from({"o": Code.BANNED, "now": now, "until_ms": int(until)})
+        d = await self._run("joinWaitlist", ref.bundle, [patient, account, pools, self._off])
+        if d["o"] != Code.OK:
+            return refused_from(d)
+        return Waitlisted(session_id, int(d["position"]), int(d["now"]),
+                          replay=bool(d.get("rp", 0)))
+
+    async def leave_waitlist(self, session_id: str, *, patient: str, account: str) -> bool:
+        ref = await self.ref(session_id)
+        if ref is None:
+            return False
+        d = await self._run("leaveWaitlist", [ref.keys.waitlist], [patient, account])
+        return bool(d["removed"])
+
+    def _request_id(self) -> str:
+        self._requests += 1
+        return f"{self._process_tag}{self._requests:x}"
+
+    async def _record_ref(self, record_id: str) -> SessionRef | None:
+        try:
+            K.partition_of_record(record_id)
+            sid = K.session_of_record(record_id)
+        except ValueError:
+            return None
+        return await self.ref(sid)
+
+    async def confirm(self, hold_id: str, payment_ref: str) -> Booked | Refused:
+        """Payment done: the hold becomes a booking (or refund due if it was lost)."""
+        ref = await self._record_ref(hold_id)
+        if ref is None:
+            return await self._not_found("hold")
+        d = await self._run("confirmHold", ref.bundle,
+                            [hold_id, payment_ref, self._off, _rnd()])
+        if self.config.patient_rules and d.get("rq"):
+            # A booking counts until its visit; a refund frees the place.
+            until = 0 if d["o"] != Code.OK else (ref.starts_ms or 0) + 86_400_000
+            if until == 86_400_000:
+                until = int(d["now"]) + 30 * 86_400_000
+            await self._settle_patient(d["pat"], d["rq"], until)
+        if d["o"] != Code.OK:
+            return refused_from(d)
+        return Booked(
+            booking_id=d["id"], session_id=d["sid"], slot_id=d["slot"], unit=int(d["unit"]),
+            server_ms=int(d["now"]), late=bool(d.get("late", 0)), replay=bool(d.get("rp", 0)),
+        )
+
+    async def release(self, hold_id: str, *, account: str = "") -> Released | Refused:
+        """The patient backs out of a hold. ``account`` restricts it to its owner."""
+        ref = await self._record_ref(hold_id)
+        if ref is None:
+            return await self._not_found("hold")
+        d = await self._run("releaseHold", ref.bundle, [hold_id, account, self._off, _rnd()])
+        if d["o"] != Code.OK:
+            return refused_from(d)
+        if self.config.patient_rules and d.get("rq"):
+            await self._settle_patient(d["pat"], d["rq"], 0)
+        return Released(hold_id, int(d["now"]), replay=bool(d.get("rp", 0)))
+
+    async def cancel(
+        self, booking_id: str, *, account: str = "", reason: str = "patient", force: bool = False
+    ) -> Cancelled | Refused:
+        """Cancel a booking. ``account`` restricts it to its owner; ``force`` skips
+        the cancellation deadline (admin, HIS compensation)."""
+        ref = await self._record_ref(booking_id)
+        if ref is None:
+            return await self._not_found("booking")
+        d = await self._run(
+            "cancelBooking", ref.bundle,
+            [booking_id, account, reason, "1" if force else "0", self._off, _rnd()],
+        )
+        if d["o"] != Code.OK:
+            return refused_from(d)
+        if self.config.patient_rules and d.get("rq"):
+            await self._settle_patient(d["pat"], d["rq"], 0)
+        return Cancelled(booking_id, int(d["now"]), reason=d.get("reason", reason),
+                         late=bool(d.get("late", 0)), replay=bool(d.get("rp", 0)))
+
+    async def restore_booking(
+        self,
+        *,
+        booking_id: str,
+        session_id: str,
+        slot_id: str,
+        unit: int,
+        patient: str,
+        account: str,
+        fee: int = 0,
+        payment_ref: str = "",
+        booked_at_ms: int = 0,
+    ) -> bool | Refused:
+        """Put a booking PostgreSQL holds back on its own unit (rebuild,
+        conflict compensation). True if restored, False if already there."""
+        ref = await self.ref(session_id)
+        if ref is None:
+            return await self._not_found("session")
+        body = msgspec.json.encode({
+            "id": booking_id, "sid": session_id, "slot": slot_id, "unit": unit,
+            "pat": patient, "acct": account, "fee": fee, "pay": payment_ref,
+            "bt": booked_at_ms or None,
+        })
+        d = await self._run("restoreBooking", ref.bundle, [body, self._off])
+        if d["o"] != Code.OK:
+            return refused_from(d)
+        return bool(d["restored"])
+
+    async def record(self, record_id: str) -> dict[str, Any] | None:
+        """The stored hold/booking record (state and owner), or None."""
+        try:
+            p = K.partition_of_record(record_id)
+        except ValueError:
+            return None
+        raw = await self.client.hget(K.PartitionKeys(p).records, record_id)
+        return None if raw is None else _decode(raw)
+
+    # -- expiry --------------------------------------------------------------
+    async def sweep(self, *, limit: int = 1000) -> int:
+        """Reclaim every expired hold in every partition, release units whose
+        anti-scalper delay has passed, and close waitlists past the cut-off.
+        Returns how many holds expired."""
+        now = await self.server_time_ms()
+        total = 0
+        for p in range(K.PARTITIONS):
+            pk = K.PartitionKeys(p)
+            due: set[str] = set()
+            raw = await self.client.zrangebyscore(pk.deadlines, "-inf", now, start=0, num=limit)
+            due |= {K.session_of_record(_txt(i)) for i in raw}
+            due |= await self._sessions_with_delayed_work(p, now)
+            for sid in sorted(due):
+                ref = await self.ref(sid)
+                if ref is None:
+                    stale = [_txt(i) for i in raw if K.session_of_record(_txt(i)) == sid]
+                    if stale:
+                        await self.client.zrem(pk.deadlines, *stale)
+                    continue
+                while True:
+                    d = await self._run("expireHolds", ref.bundle, [limit, self._off, _rnd()])
+                    total += int(d["expired"])
+                    if int(d["expired"]) + int(d["requeued"]) + int(d["closed"]) < limit:
+                        break
+        return total
+
+    async def _sessions_with_delayed_work(self, p: int, now: int) -> set[str]:
+        """Sessions of a partition with delayed units due or a waitlist to close."""
+        sids = [_txt(x) for x in await self.client.smembers(K.PartitionKeys(p).sessions)]
+        if not sids:
+            return set()
+        pipe = self.client.pipeline(transaction=False)
+        for sid in sids:
+            sk = K.SessionKeys(p, sid)
+            pipe.zcount(sk.delayed, "-inf", now)
+            pipe.zcard(sk.waitlist)
+            pipe.hget(sk.meta, "cutoff_ms")
+        res = await pipe.execute()
+        out = set()
+        for i, sid in enumerate(sids):
+            delayed, waiting, cutoff = res[3 * i : 3 * i + 3]
+            cut = int(cutoff or 0)
+            if int(delayed) > 0 or (int(waiting) > 0 and 0 < cut <= now):
+                out.add(sid)
+        return out
+
+    # -- reads -----------------------------------------------------------------
+    async def availability(
+        self, session_id: str, channel: str = "app"
+    ) -> SessionAvailability | None:
+        ref = await self.ref(session_id)
+        if ref is None:
+            return None
+        a = await self._availability([ref], self.config.channel_pools.get(channel, "0"))
+        return a.sessions[0] if a.sessions else None
+
+    async def dept_day_availability(
+        self, dept: str, date: str, channel: str = "app"
+    ) -> Availability:
+        """Every session of a department-day, in one round trip."""
+        p = K.partition_of(dept, date)
+        members = await self.client.smembers(K.PartitionKeys(p).dept_day(dept, date))
+        sids = sorted(_txt(s) for s in members)
+        refs = [r for r in [await self.ref(s) for s in sids] if r is not None]
+        if not refs:
+            return Availability(server_ms=await self.server_time_ms(), sessions=[])
+        return await self._availability(refs, self.config.channel_pools.get(channel, "0"))
+
+    async def _availability(self, refs: list[SessionRef], pools: str = "0") -> Availability:
+        keys: list[str] = []
+        for r in refs:
+            keys += [r.keys.meta, r.keys.free, r.keys.waitlist]
+        d = await self._run("getAvailability", keys, [self._off, pools])
+        return Availability(
+            server_ms=int(d["now"]),
+            sessions=[
+                SessionAvailability(
+                    session_id=s["sid"], status=s["status"],
+                    release_at_ms=int(s["release_ms"]), cutoff_ms=int(s["cutoff_ms"]),
+                    waiting=int(s.get("waiting", 0)),
+                    slots=[SlotAvailability(x["id"], x.get("start") or "", x.get("end") or "",
+                                            int(x["cap"]), int(x["free"])) for x in s["slots"]],
+                )
+                for s in d["sessions"]
+            ],
+        )
+
+    async def snapshot(self, session_id: str) -> dict[str, Any] | None:
+        """An atomic read of a session: meta, free units, units in use with records."""
+        ref = await self.ref(session_id)
+        if ref is None:
+            return None
+        sk = ref.keys
+        d = await self._run(
+            "readSession",
+            [sk.meta, sk.free, sk.units, sk_part(ref).records, sk.delayed, sk.waitlist],
+            [self._off],
+        )
+        if d["meta"] is False:
+            return None
+        for k in ("free", "used", "delayed"):
+            if d[k] == {}:
+                d[k] = []
+        return d
+
+    async def session_ids(self) -> list[str]:
+        return sorted(_txt(k) for k in await self.client.hkeys(K.SESSION_INDEX))
+
+    # -- audit -------------------------------------------------------------------
+    async def audit(self, session_id: str) -> SessionAudit:
+        """Check conservation (capacity = free + held + booked, per slot) and
+        that no unit is free and in use at once, or held or booked twice."""
+        snap = await self.snapshot(session_id)
+        if snap is None:
+            return SessionAudit(session_id, 0, 0, 0, 0, 0, False, ["session not found"], [])
+        return audit_snapshot(session_id, snap)
+
+
+def _txt(v: object) -> str:
+    if isinstance(v, bytes):
+        return v.decode()
+    return str(v)
+
+
+def sk_part(ref: SessionRef) -> K.PartitionKeys:
+    return K.PartitionKeys(ref.partition)
+
+
+def audit_snapshot(session_id: str, snap: dict[str, Any]) -> SessionAudit:
+    """Conservation per slot: capacity = free + delayed + held + booked; no
+    unit free and in use at once, or in use by two records."""
+    meta: dict[str, str] = snap["meta"]
+    breaches: list[str] = []
+    slots = [s["id"] for s in msgspec.json.decode(meta["slots"])]
+    index = {sid: int(meta[f"i:{sid}"]) for sid in slots}
+    by_index = {v: k for k, v in index.items()}
+    caps = {sid: int(meta[f"c:{sid}"]) for sid in slots}
+    nextno = int(meta.get("nextno", 0))
+    per: dict[str, SlotAudit] = {s: SlotAudit(s, caps[s], 0, 0, 0) for s in slots}
+    free_units: set[int] = set()
+    for unit_s, score in snap["free"]:
+        unit = int(unit_s)
+        free_units.add(unit)
+        slot = by_index.get(int(score) // _SLOT_BASE)
+        if slot is None or int(score) % _POOL_BASE != unit or not 1 <= unit <= nextno:
+            breaches.append(f"free unit {unit} has a bad score {score}")
+            continue
+        per[slot].free += 1
+    for member in snap.get("delayed", []):
+        unit_s, slot, score = member.split(":")
+        unit = int(unit_s)
+        if unit in free_units:
+            breaches.append(f"unit {unit} is both free and delayed")
+        free_units.add(unit)
+        if slot not in per or by_index.get(int(score) // _SLOT_BASE) != slot:
+            breaches.append(f"delayed unit {unit} has a bad slot {slot}")
+            continue
+        per[slot].delayed += 1
+    seen_ids: dict[str, int] = {}
+    booked_units: dict[str, int] = {}
+    for unit_s, raw, rec_id in snap["used"]:
+        unit = int(unit_s)
+        if unit in free_units:
+            breaches.append(f"unit {unit} is both free and in use by {rec_id}")
+        if rec_id in seen_ids:
+            breaches.append(f"record {rec_id} holds units {seen_ids[rec_id]} and {unit}")
+        seen_ids[rec_id] = unit
+        if raw is False:
+            breaches.append(f"unit {unit} is in use by a missing record {rec_id}")
+            continue
+        rec = _decode(raw)
+        if int(rec["unit"]) != unit or rec["sid"] != session_id or rec["slot"] not in per:
+            breaches.append(f"unit {unit}: record {rec_id} points elsewhere")
+            continue
+        if rec["st"] == "h":
+            per[rec["slot"]].held += 1
+        elif rec["st"] == "b":
+            per[rec["slot"]].booked += 1
+            booked_units[rec_id] = unit
+        else:
+            breaches.append(f"unit {unit} is in use by record {rec_id} in state {rec['st']}")
+    for s in per.values():
+        if s.capacity != s.free + s.delayed + s.held + s.booked:
+            breaches.append(
+                f"slot {s.slot_id}: capacity {s.capacity} != free {s.free} + delayed"
+                f" {s.delayed} + held {s.held} + booked {s.booked}"
+            )
+    total = list(per.values())
+    return SessionAudit(
+        session_id=session_id,
+        capacity=sum(s.capacity for s in total),
+        free=sum(s.free for s in total),
+        held=sum(s.held for s in total),
+        booked=sum(s.booked for s in total),
+        delayed=sum(s.delayed for s in total),
+        ok=not breaches,
+        breaches=breaches,
+        slots=total,
+        booked_units=booked_units,
+    )
+
+
+__all__ += ["Reason", "audit_snapshot"]

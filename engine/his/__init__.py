@@ -1,0 +1,32 @@
+"""The HIS side: the contract, a FHIR R4 client, retry policy and a simulator.
+
+``engine.his.simulator`` (Litestar, granian) is imported on demand only.
+"""
+
+from engine.his.base import (
+    HisBooking,
+    HisClient,
+    HisError,
+    HisProtocolError,
+    HisResult,
+    HisSchedule,
+    HisSlot,
+    HisUnavailable,
+)
+from engine.his.fhir import FhirHisClient
+from engine.his.forwarder_policy import Backoff, BreakerState, CircuitBreaker
+
+__all__ = [
+    "Backoff",
+    "BreakerState",
+    "CircuitBreaker",
+    "FhirHisClient",
+    "HisBooking",
+    "HisClient",
+    "HisError",
+    "HisProtocolError",
+    "HisResult",
+    "HisSchedule",
+    "HisSlot",
+    "HisUnavailable",
+]

@@ -1,0 +1,242 @@
+"""Typed results of engine decisions.
+
+Every refusal is a value (``Refused`` with a ``Reason``), never an exception:
+callers switch on the type. Lua scripts answer with small integer codes,
+mirrored here by ``Code`` (the BullMQ habit: one table on each side).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+
+class Code(enum.IntEnum):
+    OK = 0
+    NOT_OPEN = -1
+    SOLD_OUT = -2
+    SUSPENDED = -3
+    DUPLICATE = -4
+    RATE_LIMITED = -5
+    EXPIRED = -6
+    NOT_FOUND = -7
+    INVALID_STATE = -8
+    IDEMPOTENCY_MISMATCH = -9
+    CLOSED = -10
+    CANCEL_DEADLINE = -11
+    BANNED = -12
+    LIMIT_REACHED = -13
+    WAITLIST_FULL = -14
+
+
+class Reason(enum.StrEnum):
+    NOT_OPEN = "not-open"
+    SOLD_OUT = "sold-out"
+    SUSPENDED = "suspended"
+    DUPLICATE = "duplicate"
+    RATE_LIMITED = "rate-limited"
+    EXPIRED = "expired"
+    NOT_FOUND = "not-found"
+    INVALID_STATE = "invalid-state"
+    IDEMPOTENCY_MISMATCH = "idempotency-mismatch"
+    CLOSED = "closed"
+    CANCEL_DEADLINE = "cancel-deadline"
+    BANNED = "banned"
+    LIMIT_REACHED = "limit-reached"
+    WAITLIST_FULL = "waitlist-full"
+
+
+REASON_OF_CODE: dict[int, Reason] = {
+    Code.NOT_OPEN: Reason.NOT_OPEN,
+    Code.SOLD_OUT: Reason.SOLD_OUT,
+    Code.SUSPENDED: Reason.SUSPENDED,
+    Code.DUPLICATE: Reason.DUPLICATE,
+    Code.RATE_LIMITED: Reason.RATE_LIMITED,
+    Code.EXPIRED: Reason.EXPIRED,
+    Code.NOT_FOUND: Reason.NOT_FOUND,
+    Code.INVALID_STATE: Reason.INVALID_STATE,
+    Code.IDEMPOTENCY_MISMATCH: Reason.IDEMPOTENCY_MISMATCH,
+    Code.CLOSED: Reason.CLOSED,
+    Code.CANCEL_DEADLINE: Reason.CANCEL_DEADLINE,
+    Code.BANNED: Reason.BANNED,
+    Code.LIMIT_REACHED: Reason.LIMIT_REACHED,
+    Code.WAITLIST_FULL: Reason.WAITLIST_FULL,
+}
+
+MESSAGES: dict[Reason, str] = {
+    Reason.NOT_OPEN: "booking for this session is not open yet",
+    Reason.SOLD_OUT: "no unit of this slot is free",
+    Reason.SUSPENDED: "the doctor has stopped this session",
+    Reason.DUPLICATE: "this patient already holds or has booked a unit that day",
+    Reason.RATE_LIMITED: "too many requests; retry later",
+    Reason.EXPIRED: "the hold expired and no unit was left: the payment is refunded",
+    Reason.NOT_FOUND: "no such session, slot, hold or booking",
+    Reason.INVALID_STATE: "the hold or booking is not in a state that allows this",
+    Reason.IDEMPOTENCY_MISMATCH: "this idempotency key was used for another request",
+    Reason.CLOSED: "booking for this session has closed",
+    Reason.CANCEL_DEADLINE: "the cancellation deadline has passed",
+    Reason.BANNED: "this patient is barred from booking for a period (missed appointments)",
+    Reason.LIMIT_REACHED: "this patient has reached the hospital's limit of active bookings",
+    Reason.WAITLIST_FULL: "the waitlist of this session is full",
+}
+
+
+class Held(msgspec.Struct, frozen=True, tag="held"):
+    hold_id: str
+    session_id: str
+    slot_id: str
+    unit: int
+    expires_at_ms: int
+    server_ms: int
+    replay: bool = False
+    ok: bool = True
+
+
+class Booked(msgspec.Struct, frozen=True, tag="booked"):
+    booking_id: str
+    session_id: str
+    slot_id: str
+    unit: int
+    server_ms: int
+    late: bool = False
+    replay: bool = False
+    ok: bool = True
+
+
+class Released(msgspec.Struct, frozen=True, tag="released"):
+    hold_id: str
+    server_ms: int
+    replay: bool = False
+    ok: bool = True
+
+
+class Cancelled(msgspec.Struct, frozen=True, tag="cancelled"):
+    booking_id: str
+    server_ms: int
+    reason: str = ""
+    late: bool = False
+    replay: bool = False
+    ok: bool = True
+
+
+class Suspended(msgspec.Struct, frozen=True, tag="suspended"):
+    session_id: str
+    cancelled: int
+    released: int
+    server_ms: int
+    ok: bool = True
+
+
+class Refused(msgspec.Struct, frozen=True, tag="refused"):
+    reason: Reason
+    server_ms: int
+    message: str = ""
+    retry_after_ms: int | None = None
+    release_at_ms: int | None = None
+    cutoff_ms: int | None = None
+    deadline_ms: int | None = None
+    until_ms: int | None = None
+    existing_id: str | None = None
+    state: str | None = None
+    what: str | None = None
+    refund_due: bool = False
+    replay: bool = False
+    ok: bool = False
+
+
+def refused_from(d: dict[str, Any]) -> Refused:
+    reason = REASON_OF_CODE[int(d["o"])]
+    return Refused(
+        reason=reason,
+        server_ms=int(d.get("now", 0)),
+        message=MESSAGES[reason],
+        retry_after_ms=_opt_int(d.get("retry_ms")),
+        until_ms=_opt_int(d.get("until_ms")),
+        release_at_ms=_opt_int(d.get("release_ms")),
+        cutoff_ms=_opt_int(d.get("cutoff_ms")),
+        deadline_ms=_opt_int(d.get("deadline_ms")),
+        existing_id=d.get("existing"),
+        state=d.get("st"),
+        what=d.get("what"),
+        refund_due=reason is Reason.EXPIRED,
+        replay=bool(d.get("rp", 0)),
+    )
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+class SlotAvailability(msgspec.Struct, frozen=True):
+    slot_id: str
+    start: str
+    end: str
+    capacity: int
+    free: int
+
+
+class SessionAvailability(msgspec.Struct, frozen=True):
+    session_id: str
+    status: str
+    release_at_ms: int
+    cutoff_ms: int
+    slots: list[SlotAvailability]
+    waiting: int = 0
+
+    @property
+    def free(self) -> int:
+        return sum(s.free for s in self.slots)
+
+    @property
+    def capacity(self) -> int:
+        return sum(s.capacity for s in self.slots)
+
+
+class Availability(msgspec.Struct, frozen=True):
+    server_ms: int
+    sessions: list[SessionAvailability]
+
+
+class SlotLoad(msgspec.Struct, frozen=True):
+    slot_id: str
+    capacity: int
+    requested: int
+
+
+class Loaded(msgspec.Struct, frozen=True):
+    session_id: str
+    partition: int
+    created: bool
+    slots: list[SlotLoad]
+
+
+class SlotAudit(msgspec.Struct):
+    slot_id: str
+    capacity: int
+    free: int
+    held: int
+    booked: int
+    delayed: int = 0
+
+
+class SessionAudit(msgspec.Struct):
+    session_id: str
+    capacity: int
+    free: int
+    held: int
+    booked: int
+    delayed: int
+    ok: bool
+    breaches: list[str]
+    slots: list[SlotAudit]
+    booked_units: dict[str, int] = {}
+
+
+class Waitlisted(msgspec.Struct, frozen=True, tag="waitlisted"):
+    session_id: str
+    position: int
+    server_ms: int
+    replay: bool = False
+    ok: bool = True

@@ -1,0 +1,410 @@
+"""The outbox writer: Redis streams -> PostgreSQL, at least once, idempotent.
+
+Each partition's outbox stream (``hy:{p}:outbox``) is read with one consumer
+group (``writers``); several writers share it. A batch is written in one
+PostgreSQL transaction (``ON CONFLICT`` makes a redelivered entry a no-op)
+and acknowledged only after commit. Entries of a dead writer are claimed with
+``XAUTOCLAIM`` after ``claim_idle_ms``. An entry that fails ``max_deliveries``
+times goes to the dead-letter stream and table, and the writer goes on.
+
+A booking PostgreSQL refuses as a second booking of one unit (Redis lost a
+write: the partial unique index is the arbiter) is recorded as a conflict,
+refunded, cancelled in Redis and the earlier booking put back on its unit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from engine import keys as K
+from engine.engine import Engine, _txt
+
+log = logging.getLogger("haoyuan.writer")
+
+GROUP = "writers"
+DEAD_LETTERS = f"{K.PREFIX}:deadletter"
+
+
+class OutboxEvent(msgspec.Struct, frozen=True):
+    """One entry of an outbox stream (written by the Lua scripts)."""
+
+    t: str  # booked | cancelled | refund_due | waitlist_offer | waitlist_closed
+    id: str
+    sid: str
+    slot: str
+    unit: int
+    pat: str
+    acct: str
+    at: int
+    v: int = 1
+    fee: int = 0
+    pay: str = ""
+    rsn: str = ""
+    dl: int = 0  # a waitlist offer's payment deadline
+    late: int = 0  # a patient's cancel within a day of the visit (no-show policy)
+
+
+_decode_event = msgspec.json.Decoder(OutboxEvent).decode
+
+
+class OutboxLag(msgspec.Struct, frozen=True):
+    pending: int
+    undelivered: int
+    oldest_pending_age_ms: int
+    stream_length: int
+    dead_letters: int
+
+
+def _ts(ms: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+
+
+def _entry_ms(entry_id: str) -> int:
+    return int(entry_id.split("-", 1)[0])
+
+
+async def outbox_lag(client: Any) -> OutboxLag:
+    """Pending (delivered, not acknowledged) and undelivered entries, and the
+    age of the oldest pending one, over every partition."""
+    now_s, now_us = await client.time()
+    now = int(now_s) * 1000 + int(now_us) // 1000
+    pipe = client.pipeline(transaction=False)
+    for p in range(K.PARTITIONS):
+        s = K.PartitionKeys(p).outbox
+        pipe.xlen(s)
+        pipe.xpending(s, GROUP)
+        pipe.execute_command("XINFO", "GROUPS", s)
+    pipe.xlen(DEAD_LETTERS)
+    res = await pipe.execute(raise_on_error=False)
+    pending = undelivered = length = 0
+    oldest = 0
+    for p in range(K.PARTITIONS):
+        xlen, xp, groups = res[3 * p : 3 * p + 3]
+        length += int(xlen) if isinstance(xlen, int) else 0
+        if isinstance(xp, dict) and xp.get("pending"):
+            pending += int(xp["pending"])
+            low = xp.get("min")
+            if low:
+                oldest = max(oldest, now - _entry_ms(_txt(low)))
+        if isinstance(groups, list):
+            for g in groups:
+                info = _pairs(g)
+                if info.get("name") == GROUP:
+                    lag = info.get("lag")
+                    undelivered += int(lag) if lag not in (None, "") else 0
+                    break
+            else:
+                undelivered += int(xlen) if isinstance(xlen, int) else 0
+    dead = res[-1] if isinstance(res[-1], int) else 0
+    return OutboxLag(pending, undelivered, oldest, length, dead)
+
+
+def _pairs(g: Any) -> dict[str, Any]:
+    if isinstance(g, dict):
+        return {_txt(k): (_txt(v) if isinstance(v, bytes) else v) for k, v in g.items()}
+    it = iter(g)
+    return {_txt(k): (_txt(v) if isinstance(v, bytes) else v) for k, v in zip(it, it, strict=False)}
+
+
+@dataclass(slots=True)
+class WriterConfig:
+    batch_size: int = 500
+    block_ms: int = 200
+    claim_idle_ms: int = 5_000
+    max_deliveries: int = 5
+    consumer: str = ""
+    #: Test hook: called after commit and before XACK (kill -9 lands here).
+    after_commit: Callable[[int], Awaitable[None]] | None = None
+
+
+class OutboxWriter:
+    def __init__(self, engine: Engine, pool: asyncpg.Pool, config: WriterConfig | None = None):
+        self.engine = engine
+        self.client = engine.client
+        self.pool = pool
+        self.config = config or WriterConfig()
+        if not self.config.consumer:
+            self.config.consumer = f"{socket.gethostname()}-{os.getpid()}"
+        self.streams = [K.PartitionKeys(p).outbox for p in range(K.PARTITIONS)]
+        self.written = 0
+        self.conflicts = 0
+        self.dead = 0
+        self._last_claim = 0.0
+
+    async def ensure_groups(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for s in self.streams:
+            pipe.xgroup_create(s, GROUP, id="0", mkstream=True)
+        for r in await pipe.execute(raise_on_error=False):
+            if isinstance(r, Exception) and "BUSYGROUP" not in str(r):
+                raise r
+
+    # -- the loop ---------------------------------------------------------------
+    async def run(self, stop: asyncio.Event, *, burst: bool = False) -> None:
+        """Write until ``stop`` is set (or, with ``burst``, until nothing is left)."""
+        await self.ensure_groups()
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                n = await self.step()
+                backoff = 0.1
+                if burst and n == 0 and (await outbox_lag(self.client)).pending == 0:
+                    lag = await outbox_lag(self.client)
+                    if lag.undelivered == 0:
+                        return
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                    ConnectionError, TimeoutError) as exc:
+                log.warning("writer: store or redis unavailable (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception:
+                log.exception("writer step failed")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def step(self) -> int:
+        """One batch: claim dead writers' entries now and then, read new ones, write."""
+        entries: list[tuple[str, str, dict[Any, Any]]] = []
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_claim > self.config.claim_idle_ms / 2000:
+            self._last_claim = loop.time()
+            entries += await self._claim()
+        if not entries:
+            res: Any = await self.client.xreadgroup(
+                GROUP, self.config.consumer, {s: ">" for s in self.streams},
+                count=self.config.batch_size, block=self.config.block_ms,
+            )
+            for stream, items in res or []:
+                for eid, fields in items:
+                    entries.append((_txt(stream), _txt(eid), fields))
+        if not entries:
+            return 0
+        await self._write(entries)
+        return len(entries)
+
+    async def _claim(self) -> list[tuple[str, str, dict[Any, Any]]]:
+        out: list[tuple[str, str, dict[Any, Any]]] = []
+        for s in self.streams:
+            res: Any = await self.client.xautoclaim(
+                s, GROUP, self.config.consumer, self.config.claim_idle_ms, "0-0",
+                count=self.config.batch_size,
+            )
+            for eid, fields in res[1]:
+                if fields is not None:
+                    out.append((s, _txt(eid), fields))
+            if len(out) >= self.config.batch_size:
+                break
+        return out
+
+    # -- writing ----------------------------------------------------------------
+    async def _write(self, entries: list[tuple[str, str, dict[Any, Any]]]) -> None:
+        decoded: list[tuple[str, str, OutboxEvent]] = []
+        poison: list[tuple[str, str, str, str]] = []
+        for stream, eid, fields in entries:
+            raw = fields.get(b"e", fields.get("e"))
+            try:
+                if raw is None:
+                    raise TypeError("entry has no field e")
+                decoded.append((stream, eid, _decode_event(raw)))
+            except (msgspec.DecodeError, TypeError) as exc:
+                poison.append((stream, eid, _txt(raw) if raw is not None else "", str(exc)))
+        conflicts: list[tuple[OutboxEvent, str | None]] = []
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                for _stream, eid, ev in decoded:
+                    c = await self._apply(conn, ev, eid)
+                    if c is not None:
+                        conflicts.append((ev, c or None))
+        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
+            raise
+        except asyncpg.PostgresError:
+            # One entry is poison: write them one by one to find it.
+            await self._write_one_by_one(decoded)
+            decoded = []
+        if self.config.after_commit is not None:
+            await self.config.after_commit(len(entries))
+        for ev, winner in conflicts:
+            await self._compensate(ev, winner)
+        for stream, eid, payload, err in poison:
+            await self._dead_letter(stream, eid, payload, err, deliveries=1)
+        await self._ack([(s, e) for s, e, _ in decoded])
+        self.written += len(decoded)
+        for _s, _e, ev in decoded:
+            if ev.t == "cancelled" and ev.late:
+                await self._late_cancel(ev)
+
+    async def _late_cancel(self, ev: OutboxEvent) -> None:
+        """A patient's late cancel counts toward the no-show policy: check the
+        ban now that the cancel is recorded (after commit; a failure here is
+        logged and the next strike checks again)."""
+        from engine.rules import Rules, check_ban, load_rules
+
+        try:
+            row = await self.pool.fetchrow(
+                "SELECT hospital_id, dept_id FROM sessions WHERE id = $1", ev.sid)
+            rules = (await load_rules(self.pool, row["hospital_id"])).for_dept(
+                row["dept_id"]) if row is not None else Rules()
+            await check_ban(self.pool, self.engine, ev.pat, rules)
+        except Exception:
+            log.exception("writer: no-show policy check after a late cancel of %s failed", ev.id)
+
+    async def _write_one_by_one(self, decoded: list[tuple[str, str, OutboxEvent]]) -> None:
+        for stream, eid, ev in decoded:
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    winner = await self._apply(conn, ev, eid)
+                if winner is not None:
+                    await self._compensate(ev, winner or None)
+                await self._ack([(stream, eid)])
+                self.written += 1
+            except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
+                raise
+            except asyncpg.PostgresError as exc:
+                deliveries = await self._deliveries(stream, eid)
+                if deliveries >= self.config.max_deliveries:
+                    await self._dead_letter(stream, eid, msgspec.json.encode(ev).decode(),
+                                            f"{type(exc).__name__}: {exc}", deliveries)
+                else:
+                    log.warning("writer: entry %s failed (%s); will retry", eid,
+                                type(exc).__name__)
+
+    async def _deliveries(self, stream: str, eid: str) -> int:
+        rows = await self.client.xpending_range(stream, GROUP, min=eid, max=eid, count=1)
+        return int(rows[0]["times_delivered"]) if rows else 1
+
+    async def _ack(self, done: list[tuple[str, str]]) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for s, e in done:
+            by_stream.setdefault(s, []).append(e)
+        if not by_stream:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for s, ids in by_stream.items():
+            pipe.xack(s, GROUP, *ids)
+        await pipe.execute()
+
+    async def _dead_letter(self, stream: str, eid: str, payload: str, error: str,
+                           deliveries: int) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO outbox_dead_letters (stream, entry_id, payload, error, deliveries)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (stream, entry_id) DO NOTHING",
+                stream, eid, payload, error[:2000], deliveries,
+            )
+        await self.client.xadd(DEAD_LETTERS, {"stream": stream, "id": eid, "payload": payload,
+                                              "error": error[:2000]}, maxlen=100_000)
+        await self._ack([(stream, eid)])
+        self.dead += 1
+        log.error("writer: entry %s of %s dead-lettered after %d deliveries", eid, stream,
+                  deliveries)
+
+    async def _apply(self, conn: Any, ev: OutboxEvent, eid: str) -> str | None:
+        """Write one event. Returns None, or the winning booking id ('' if
+        unknown) when a booked event hit an already booked unit."""
+        at = _ts(ev.at)
+        result: str | None = None
+        if ev.t == "booked":
+            inserted = await conn.fetchval(
+                "INSERT INTO bookings (id, session_id, slot_id, unit, patient_ref, account_id,"
+                " fee_cents, payment_ref, status, booked_at, stream_id)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,'booked',$9,$10)"
+                " ON CONFLICT DO NOTHING RETURNING id",
+                ev.id, ev.sid, ev.slot, ev.unit, ev.pat, ev.acct, ev.fee, ev.pay, at, eid,
+            )
+            if inserted is None:
+                exists = await conn.fetchval("SELECT 1 FROM bookings WHERE id = $1", ev.id)
+                if exists is None:
+                    winner = await conn.fetchval(
+                        "SELECT id FROM bookings WHERE session_id = $1 AND unit = $2"
+                        " AND status = 'booked'", ev.sid, ev.unit,
+                    )
+                    await conn.execute(
+                        "INSERT INTO bookings (id, session_id, slot_id, unit, patient_ref,"
+                        " account_id, fee_cents, payment_ref, status, status_reason, booked_at,"
+                        " his_status, stream_id) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,'conflict',"
+                        " 'unit already booked',$9,'cancelled',$10) ON CONFLICT (id) DO NOTHING",
+                        ev.id, ev.sid, ev.slot, ev.unit, ev.pat, ev.acct, ev.fee, ev.pay, at, eid,
+                    )
+                    await conn.execute(
+                        "INSERT INTO booking_conflicts (booking_id, session_id, unit,"
+                        " winner_booking_id, detail) VALUES ($1,$2,$3,$4,$5)"
+                        " ON CONFLICT (booking_id) DO NOTHING",
+                        ev.id, ev.sid, ev.unit, winner,
+                        "Redis booked a unit PostgreSQL already holds (lost write)",
+                    )
+                    await conn.execute(
+                        "INSERT INTO refunds (booking_id, reason, stream_id) VALUES ($1,$2,$3)"
+                        " ON CONFLICT (booking_id) DO NOTHING", ev.id, "conflict", eid,
+                    )
+                    result = winner or ""
+        elif ev.t == "cancelled":
+            await conn.execute(
+                "INSERT INTO bookings (id, session_id, slot_id, unit, patient_ref, account_id,"
+                " fee_cents, payment_ref, status, status_reason, booked_at, cancelled_at,"
+                " his_status, stream_id, late_cancel)"
+                " VALUES ($1,$2,$3,NULL,$4,$5,$6,$7,'cancelled',$8,$9,$9,'cancel_pending',$10,"
+                " $11)"
+                " ON CONFLICT (id) DO UPDATE SET status = 'cancelled',"
+                " status_reason = EXCLUDED.status_reason, cancelled_at = EXCLUDED.cancelled_at,"
+                " late_cancel = EXCLUDED.late_cancel,"
+                " his_status = CASE WHEN bookings.his_status = 'rejected' THEN 'rejected'"
+                "   ELSE 'cancel_pending' END, his_updated_at = NULL"
+                " WHERE bookings.status = 'booked'",
+                ev.id, ev.sid, ev.slot, ev.pat, ev.acct, ev.fee, ev.pay, ev.rsn or "cancelled",
+                at, eid, bool(ev.late),
+            )
+        elif ev.t == "refund_due":
+            await conn.execute(
+                "INSERT INTO bookings (id, session_id, slot_id, unit, patient_ref, account_id,"
+                " fee_cents, payment_ref, status, status_reason, booked_at, his_status, stream_id)"
+                " VALUES ($1,$2,$3,NULL,$4,$5,$6,$7,'refund_due',$8,$9,'cancelled',$10)"
+                " ON CONFLICT (id) DO NOTHING",
+                ev.id, ev.sid, ev.slot, ev.pat, ev.acct, ev.fee, ev.pay, ev.rsn, at, eid,
+            )
+            await conn.execute(
+                "INSERT INTO refunds (booking_id, reason, stream_id) VALUES ($1,$2,$3)"
+                " ON CONFLICT (booking_id) DO NOTHING", ev.id, ev.rsn or "expired", eid,
+            )
+        elif ev.t in ("waitlist_offer", "waitlist_closed"):
+            pass  # the notification itself: recorded in the history below
+        else:
+            raise asyncpg.DataError(f"unknown outbox event type {ev.t!r}")
+        await conn.execute(
+            "INSERT INTO booking_events (booking_id, event_type, reason, at, stream_id)"
+            " VALUES ($1,$2,$3,$4,$5) ON CONFLICT (booking_id, stream_id) DO NOTHING",
+            ev.id, ev.t, ev.rsn or None, at, eid,
+        )
+        return result
+
+    async def _compensate(self, ev: OutboxEvent, winner: str | None) -> None:
+        """The later booking of a unit loses: cancelled in Redis (its refund is
+        recorded), and the earlier one is put back on its unit."""
+        self.conflicts += 1
+        log.error("writer: conflict on session %s unit %d: booking %s cancelled, winner %s",
+                  ev.sid, ev.unit, ev.id, winner)
+        await self.engine.cancel(ev.id, reason="conflict", force=True)
+        if not winner:
+            return
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT id, session_id, slot_id, unit, patient_ref, account_id, fee_cents,"
+                " payment_ref, booked_at FROM bookings WHERE id = $1 AND status = 'booked'",
+                winner,
+            )
+        if row is not None:
+            await self.engine.restore_booking(
+                booking_id=row["id"], session_id=row["session_id"], slot_id=row["slot_id"],
+                unit=row["unit"], patient=row["patient_ref"], account=row["account_id"],
+                fee=row["fee_cents"], payment_ref=row["payment_ref"] or "",
+                booked_at_ms=int(row["booked_at"].timestamp() * 1000),
+            )

@@ -1,0 +1,105 @@
+#!lua
+--[[
+  Confirm a hold after payment: the hold becomes a booking (预约) and a
+  "booked" event enters the partition's outbox in the same atomic step.
+  A payment that arrives after the hold expired books the same unit if it is
+  still free, else another free unit of the slot, else answers "expired,
+  refund due" with a refund event. Never a unit twice. Idempotent by hold id.
+
+  Input:
+    KEYS[1..11] the session key bundle (includes/common.lua)
+    ARGV[1] hold id
+    ARGV[2] payment reference
+    ARGV[3] time offset ms (tests only)
+    ARGV[4] random number in [0, 1) (anti-scalper delay, if a unit goes back)
+  Output: JSON {o = OK, id, sid, slot, unit, now, late, pat, rq} |
+          {o = EXPIRED, id, now, reason} (refund due) | {o = NOT_FOUND} |
+          {o = INVALID_STATE, st}; a replay carries rp = 1.
+]]
+-- @include common
+-- @include reclaim
+
+local id, pay = ARGV[1], ARGV[2]
+local rnd = tonumber(ARGV[4])
+if not id or id == '' then return bad('hold id is required') end
+if not pay or pay == '' or #pay > 128 then return bad('payment reference must be 1..128 bytes') end
+if rnd == nil or rnd < 0 or rnd >= 1 then return bad('random must be in [0, 1)') end
+local now = server_now(ARGV[3])
+local k = bundle()
+local rec = get_rec(k.recs, id)
+if rec == nil then return reply({o = NOT_FOUND, now = now, what = 'hold'}) end
+
+local function booked_reply(r, replay)
+  return reply({o = OK, id = r.id, sid = r.sid, slot = r.slot, unit = r.unit, now = now,
+                late = r.late or 0, pay = r.pay, rp = replay and 1 or 0, pat = r.pat,
+                rq = r.rq or ''})
+end
+if rec.st == 'b' then return booked_reply(rec, true) end
+if rec.st == 'r' then
+  return reply({o = EXPIRED, id = id, now = now, reason = rec.rsn, rp = 1, pat = rec.pat,
+                rq = rec.rq or ''})
+end
+if rec.st == 'c' then return reply({o = INVALID_STATE, now = now, st = 'cancelled'}) end
+
+local cfg = settings(k)
+
+local function book(r, late)
+  r.st = 'b'
+  r.pay = pay
+  r.bt = now
+  r.late = late
+  rcall('HSET', k.units, tostring(r.unit), r.id)
+  rcall('HSET', k.rule, r.pat, r.id)
+  rcall('ZREM', k.dl, r.id)
+  rcall('ZREM', k.pdl, r.id)
+  put_rec(k.recs, r)
+  outbox(k.outbox, event_of('booked', r, now))
+  return booked_reply(r, false)
+end
+
+local function refund(r, reason)
+  r.st = 'r'
+  r.pay = pay
+  r.rsn = reason
+  r.ended = now
+  put_rec(k.recs, r)
+  outbox(k.outbox, event_of('refund_due', r, now, reason))
+  return reply({o = EXPIRED, id = r.id, now = now, reason = reason, rp = 0, pat = r.pat,
+                rq = r.rq or ''})
+end
+
+if rec.st == 'h' and rec.dl > now then
+  if cfg.status == 'open' then return book(rec, 0) end
+  -- Suspended while the patient paid: the unit goes back, the money back too.
+  rcall('ZREM', k.dl, id)
+  rcall('ZREM', k.pdl, id)
+  drop_rule(k.rule, rec)
+  rcall('HDEL', k.units, tostring(rec.unit))
+  rcall('ZADD', k.free, rec.sc, tostring(rec.unit))
+  return refund(rec, 'suspended')
+end
+if rec.st == 'h' then
+  -- Past its deadline, not yet reclaimed: the unit is returned as any expiry
+  -- would (to a waiter first), then the late payment looks for a unit.
+  expire_one(k, cfg, id, now, nil)
+  rec = get_rec(k.recs, id)
+end
+
+-- The hold has ended (expired or released); the patient paid anyway.
+if cfg.status ~= 'open' then return refund(rec, 'suspended') end
+local prior = rcall('HGET', k.rule, rec.pat)
+if prior and prior ~= id and is_active(k.recs, prior, now) then
+  return refund(rec, 'duplicate')
+end
+if rcall('ZSCORE', k.free, tostring(rec.unit)) then
+  rcall('ZREM', k.free, tostring(rec.unit))
+  return book(rec, 1)
+end
+local idx = tonumber(rcall('HGET', k.meta, 'i:' .. rec.slot))
+local lo = idx * SLOT_BASE + pool_of(rec.sc) * POOL_BASE
+local got = rcall('ZRANGEBYSCORE', k.free, lo, lo + POOL_BASE - 1, 'WITHSCORES', 'LIMIT', 0, 1)
+if #got == 0 then return refund(rec, 'expired') end
+rcall('ZREM', k.free, got[1])
+rec.unit = tonumber(got[1])
+rec.sc = tonumber(got[2])
+return book(rec, 1)

@@ -1,0 +1,143 @@
+#!lua
+--[[
+  Hold (锁号) the lowest free unit of a slot, from the pools the caller's
+  channel may use, for one patient, for the session's payment window. Every
+  hospital rule is checked inside this one atomic step, before the first
+  write.
+
+  Input:
+    KEYS[1..11] the session key bundle (includes/common.lua: meta, free,
+                units, dl, wait, quar, recs, pdl, rule, outbox, seq)
+    KEYS[12] idempotency key       hy:{p}:i:<account>:<key>
+    KEYS[13] account rate key      hy:{p}:rl:a:<account>
+    KEYS[14] patient rate key      hy:{p}:rl:p:<patient>
+    ARGV[1]  session id
+    ARGV[2]  slot id
+    ARGV[3]  patient ref (keyed hash, never a raw ID number)
+    ARGV[4]  account ref
+    ARGV[5]  pools the channel may use, comma separated ("0" = public only)
+    ARGV[6]  account GCRA interval ms (0 = off)   ARGV[7] account burst
+    ARGV[8]  patient GCRA interval ms (0 = off)   ARGV[9] patient burst
+    ARGV[10] idempotency TTL ms
+    ARGV[11] reclaim limit (expired holds and delayed units returned on the way)
+    ARGV[12] time offset ms (tests only; 0 in production)
+    ARGV[13] 1 = remember refusals under the idempotency key too (the
+             client sent its own key), 0 = remember only a hold
+    ARGV[14] random number in [0, 1) (anti-scalper delay of reclaimed units)
+    ARGV[15] request id (kept on the record: the patient-wide reservation)
+  Output: JSON {o = OK, id, sid, slot, unit, dl, now} or a refusal
+          {o = code, now, ...}; a replay carries rp = 1.
+]]
+-- @include common
+-- @include gcra
+-- @include reclaim
+
+local sid, slot, pat, acct = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local a_int, a_burst = int_arg(ARGV[6]), int_arg(ARGV[7])
+local p_int, p_burst = int_arg(ARGV[8]), int_arg(ARGV[9])
+local idem_ttl, reclaim_limit = int_arg(ARGV[10]), int_arg(ARGV[11])
+local rnd = tonumber(ARGV[14])
+if not sid or sid == '' or not slot or slot == '' then return bad('session and slot are required') end
+if not pat or pat == '' or not acct or acct == '' or string.find(pat, '|', 1, true)
+   or string.find(acct, '|', 1, true) then
+  return bad('patient and account are required (no "|")')
+end
+if not string.match(ARGV[5] or '', '^[0-3][0-3,]*$') then return bad('pools must be like 0,3') end
+if a_int == nil or a_burst == nil or p_int == nil or p_burst == nil
+   or idem_ttl == nil or reclaim_limit == nil or a_burst < 1 or p_burst < 1 or idem_ttl < 1
+   or reclaim_limit < 0 or a_int < 0 or p_int < 0 or (ARGV[13] ~= '0' and ARGV[13] ~= '1')
+   or rnd == nil or rnd < 0 or rnd >= 1 then
+  return bad('numeric arguments are malformed')
+end
+local now = server_now(ARGV[12])
+local fingerprint = sid .. '|' .. slot .. '|' .. pat
+
+-- 1. Idempotency: a retry returns the first answer and changes nothing.
+local stored = rcall('GET', KEYS[12])
+if stored then
+  local cut = string.find(stored, '\n', 1, true)
+  if string.sub(stored, 1, cut - 1) ~= fingerprint then
+    return reply({o = IDEMPOTENCY_MISMATCH, now = now})
+  end
+  return '{"rp":1,' .. string.sub(stored, cut + 2)
+end
+local remember_refusals = ARGV[13] == '1'
+local function remember(tbl)
+  local body = reply(tbl)
+  if tbl.o ~= OK and not remember_refusals then return body end
+  rcall('SET', KEYS[12], fingerprint .. '\n' .. body, 'PX', idem_ttl)
+  return body
+end
+
+-- 2. Rate limits (GCRA), account and patient, checked before any write.
+local a_retry, a_tat = gcra_check(KEYS[13], now, a_int, a_burst)
+local p_retry, p_tat = gcra_check(KEYS[14], now, p_int, p_burst)
+if a_retry > 0 or p_retry > 0 then
+  return reply({o = RATE_LIMITED, now = now, retry_ms = math.max(a_retry, p_retry),
+                who = (a_retry >= p_retry) and 'account' or 'patient'})
+end
+gcra_commit(KEYS[13], now, a_tat)
+gcra_commit(KEYS[14], now, p_tat)
+
+-- 3. The session and its window: release instant, cut-off, night closure.
+local k = bundle()
+local cfg, x = settings(k, 'release_ms', 'i:' .. slot, 'night_from_min', 'night_to_min', 'tz_min')
+if cfg.status == false then return remember({o = NOT_FOUND, now = now, what = 'session'}) end
+if x[2] == false then return remember({o = NOT_FOUND, now = now, what = 'slot'}) end
+if cfg.status ~= 'open' then return remember({o = SUSPENDED, now = now}) end
+local release_ms, cutoff_ms = tonumber(x[1]), cfg.cutoff_ms
+if now < release_ms then
+  return reply({o = NOT_OPEN, now = now, release_ms = release_ms})
+end
+if cutoff_ms > 0 and now >= cutoff_ms then
+  return remember({o = CLOSED, now = now, cutoff_ms = cutoff_ms})
+end
+local nf, nt = tonumber(x[3]) or 0, tonumber(x[4]) or 0
+if nf ~= nt then
+  local minute = math.floor(((now / 1000 + (tonumber(x[5]) or 0) * 60) % 86400) / 60)
+  local night = (nf < nt and minute >= nf and minute < nt)
+             or (nf > nt and (minute >= nf or minute < nt))
+  if night then
+    local wait_min = (nt - minute) % 1440
+    local opens = (math.floor(now / 60000) + wait_min) * 60000
+    return reply({o = NOT_OPEN, now = now, release_ms = opens, night = 1})
+  end
+end
+
+-- 4. Expired holds and delayed units of this session go back first (bounded):
+--    to the waitlist head if someone waits, never to this grabber first.
+reclaim(k, cfg, now, reclaim_limit, rnd)
+requeue(k, cfg, now, reclaim_limit)
+
+-- 5. One active hold or booking per patient per department-day (or doctor-day).
+local prior = rcall('HGET', k.rule, pat)
+if prior and is_active(k.recs, prior, now) then
+  return remember({o = DUPLICATE, now = now, existing = prior})
+end
+
+-- 6. The lowest free unit of the slot in the channel's pools (all pools once
+--    the pools have returned to the public).
+local lo = tonumber(x[2]) * SLOT_BASE
+local ranges = {}
+if cfg.pool_return_ms > 0 and now >= cfg.pool_return_ms then
+  ranges[1] = {lo, lo + SLOT_BASE - 1}
+else
+  for p in string.gmatch(ARGV[5], '%d') do
+    local plo = lo + tonumber(p) * POOL_BASE
+    ranges[#ranges + 1] = {plo, plo + POOL_BASE - 1}
+  end
+end
+local unit, score = nil, nil
+for _, r in ipairs(ranges) do
+  local got = rcall('ZRANGEBYSCORE', k.free, r[1], r[2], 'WITHSCORES', 'LIMIT', 0, 1)
+  if #got > 0 and (unit == nil or tonumber(got[1]) < tonumber(unit)) then
+    unit, score = got[1], tonumber(got[2])
+  end
+end
+if unit == nil then return remember({o = SOLD_OUT, now = now}) end
+
+rcall('ZREM', k.free, unit)
+local rec = make_hold(k, cfg, now, sid, slot, unit, score, pat, acct, cfg.hold_ttl_ms,
+                      {rq = ARGV[15] or ''})
+return remember({o = OK, id = rec.id, sid = sid, slot = slot, unit = rec.unit, dl = rec.dl,
+                 now = now})

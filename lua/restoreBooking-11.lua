@@ -1,0 +1,44 @@
+#!lua
+--[[
+  Put a booking that PostgreSQL holds back into Redis (rebuild after Redis
+  lost data, or compensation after a write conflict): the same unit, never
+  another. No outbox event: the booking is already recorded.
+
+  Input:
+    KEYS[1..11] the session key bundle (includes/common.lua)
+    ARGV[1] booking JSON {id, sid, slot, unit, pat, acct, fee, pay, bt}
+    ARGV[2] time offset ms (tests only)
+  Output: JSON {o = OK, restored = 0|1} | {o = INVALID_STATE, holder}
+          (the unit is in use by another record) | {o = NOT_FOUND, what}
+]]
+-- @include common
+
+local okj, b = pcall(cjson.decode, ARGV[1] or '')
+if not okj or type(b) ~= 'table' or type(b.id) ~= 'string' or type(b.slot) ~= 'string'
+   or int_arg(b.unit) == nil or type(b.pat) ~= 'string' or type(b.acct) ~= 'string' then
+  return bad('booking JSON must carry id, slot, unit, pat and acct')
+end
+local now = server_now(ARGV[2])
+local k = bundle()
+local idx = tonumber(rcall('HGET', k.meta, 'i:' .. b.slot))
+if idx == nil then return reply({o = NOT_FOUND, now = now, what = 'slot'}) end
+local unit = tostring(b.unit)
+local holder = rcall('HGET', k.units, unit)
+if holder == b.id then return reply({o = OK, now = now, restored = 0}) end
+if holder then return reply({o = INVALID_STATE, now = now, holder = holder}) end
+local score = rcall('ZSCORE', k.free, unit)
+if not score or math.floor(tonumber(score) / SLOT_BASE) ~= idx then
+  return reply({o = NOT_FOUND, now = now, what = 'unit'})
+end
+rcall('ZREM', k.free, unit)
+rcall('HSET', k.units, unit, b.id)
+rcall('HSET', k.rule, b.pat, b.id)
+put_rec(k.recs, {id = b.id, sid = b.sid, slot = b.slot, unit = b.unit, sc = tonumber(score),
+                 pat = b.pat, acct = b.acct, st = 'b', dl = 0, at = b.bt or now,
+                 bt = b.bt or now, fee = b.fee or 0, pay = b.pay or '', restored = 1})
+-- Keep new ids above every id PostgreSQL has seen.
+local seq = tonumber(string.match(b.id, '%.(%d+)$'))
+if seq and (tonumber(rcall('GET', k.seq)) or 0) < seq then
+  rcall('SET', k.seq, string.format('%d', seq))
+end
+return reply({o = OK, now = now, restored = 1})

@@ -1,0 +1,16 @@
+#!lua
+--[[
+  Reopen a suspended session for booking (the doctor is back).
+
+  Input:
+    KEYS[1] session hash  hy:{p}:s:<sid>
+    ARGV[1] time offset ms (tests only)
+  Output: JSON {o = OK, now} | {o = NOT_FOUND}
+]]
+-- @include common
+
+local now = server_now(ARGV[1])
+if rcall('EXISTS', KEYS[1]) == 0 then return reply({o = NOT_FOUND, now = now, what = 'session'}) end
+rcall('HSET', KEYS[1], 'status', 'open')
+rcall('HDEL', KEYS[1], 'suspend_reason')
+return reply({o = OK, now = now})

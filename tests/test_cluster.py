@@ -1,0 +1,100 @@
+"""The engine on a 3-master loopback Redis Cluster: every script's keys
+share one hash slot, cross-partition rules work through the patient's own
+partition, and a key of another slot is always refused."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
+
+from engine import Booked, Engine, Held, Reason, Refused, Waitlisted
+from engine.keys import PartitionKeys
+from tests.enginekit import config, make_spec
+
+pytestmark = pytest.mark.cluster
+
+
+async def test_engine_on_a_cluster(redis_cluster: Any) -> None:
+    cfg = config(cluster=True, patient_rules=True, max_active_per_patient=3)
+    async with Engine.connect(redis_cluster.url, cfg) as eng:
+        parts = set()
+        for i in range(8):
+            loaded = await eng.load_session(
+                make_spec(f"S{i}", dept=f"D{i}", caps=(25,), hold_ttl_ms=1000))
+            parts.add(loaded.partition)
+        assert len(parts) > 3  # spread over the cluster's masters
+
+        results: list[Any] = []
+
+        async def grab(i: int) -> None:
+            for d in range(8):
+                results.append(await eng.hold(f"S{d}", "0800", patient=f"p{i}", account=f"a{i}"))
+
+        await asyncio.gather(*(grab(i) for i in range(40)))
+        held = [r for r in results if isinstance(r, Held)]
+        assert len(held) == 40 * 3  # the hospital-wide limit, across partitions
+        reasons = {r.reason for r in results if isinstance(r, Refused)}
+        assert reasons <= {Reason.LIMIT_REACHED, Reason.SOLD_OUT}, reasons
+        for h in held[:30]:
+            assert isinstance(await eng.confirm(h.hold_id, "pay"), Booked)
+        eng.config.clock_offset_ms = 2_000
+        assert await eng.sweep() == len(held) - 30
+        for i in range(8):
+            a = await eng.audit(f"S{i}")
+            assert a.ok, a.breaches
+        # The waitlist across the cluster.
+        await eng.load_session(make_spec("W", dept="DW", caps=(1,)))
+        b = await eng.hold("W", "0800", patient="w0", account="w0")
+        assert isinstance(b, Held)
+        assert isinstance(await eng.confirm(b.hold_id, "p"), Booked)
+
+
+async def test_a_key_of_another_slot_is_refused(redis_cluster: Any) -> None:
+    async with Engine.connect(redis_cluster.url, config(cluster=True)) as eng:
+        await eng.load_session(make_spec("S1", dept="D1"))
+        ref = await eng.ref("S1")
+        assert ref is not None
+        other = PartitionKeys((ref.partition + 1) % 64)
+        keys = list(ref.bundle)
+        keys[9] = other.outbox  # the outbox of another partition
+        with pytest.raises((RedisError, RedisClusterException)):  # the client refuses
+            await eng.runner.run("suspendSession", keys, ["doctor_stopped", 0])
+        # ...and so does the server, asked directly on the node of the first key.
+        cluster = eng.client
+        assert isinstance(cluster, RedisCluster)
+        node = cluster.get_node_from_key(keys[0])
+        assert node is not None
+        direct = Redis(host=node.host, port=node.port)
+        try:
+            script = eng.runner.scripts["suspendSession"]
+            await direct.script_load(script.source)
+            with pytest.raises(ResponseError, match=r"same slot|CROSSSLOT|MOVED"):
+                await direct.evalsha(script.sha, len(keys), *keys, "doctor_stopped", 0)
+        finally:
+            await direct.aclose()
+        a = await eng.availability("S1")
+        assert a is not None and a.status == "open"
+
+
+async def test_waitlist_on_a_cluster(redis_cluster: Any) -> None:
+    async with Engine.connect(redis_cluster.url, config(cluster=True)) as eng:
+        await eng.load_session(_waitlisted_spec())
+        h = await eng.hold("WL", "0800", patient="a", account="a")
+        assert isinstance(h, Held)
+        assert isinstance(await eng.join_waitlist("WL", patient="b", account="b"), Waitlisted)
+        assert (await eng.release(h.hold_id)).ok
+        snap = await eng.snapshot("WL")
+        assert snap is not None and len(snap["used"]) == 1
+        assert (await eng.audit("WL")).ok
+
+
+def _waitlisted_spec() -> Any:
+    import msgspec
+
+    s = make_spec("WL", dept="DWL", caps=(1,))
+    return msgspec.structs.replace(s, waitlist_ttl_ms=60_000, waitlist_max=5)

@@ -1,0 +1,526 @@
+"""Every script, every outcome, against a real Redis; bad arguments change nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from engine import Booked, Cancelled, Engine, Held, Reason, Refused, Released
+from engine.engine import ScriptError
+from engine.keys import PartitionKeys
+from engine.model import parse_session
+from tests.enginekit import config, make_spec, now_ms
+
+
+@pytest.fixture
+def eng(engine_on_fresh_redis: Engine) -> Engine:
+    return engine_on_fresh_redis
+
+
+async def state(eng: Engine, sid: str = "S1") -> Any:
+    snap = await eng.snapshot(sid)
+    assert snap is not None
+    snap.pop("now")
+    return snap
+
+
+async def dump(eng: Engine) -> dict[bytes, Any]:
+    """Every key and its value: proof that nothing changed."""
+    out: dict[bytes, Any] = {}
+    for k in await eng.client.keys("*"):
+        out[k] = await eng.client.dump(k)
+    return out
+
+
+# -- load / capacity --------------------------------------------------------------
+
+
+async def test_load_creates_units_with_queue_numbers(eng: Engine) -> None:
+    loaded = await eng.load_session(make_spec(caps=(3, 2)))
+    assert loaded.created and [s.capacity for s in loaded.slots] == [3, 2]
+    snap = await state(eng)
+    assert sorted(int(u) for u, _ in snap["free"]) == [1, 2, 3, 4, 5]
+    audit = await eng.audit("S1")
+    assert audit.ok and audit.capacity == 5 and audit.free == 5
+
+
+async def test_reload_never_resets_holds_or_bookings(eng: Engine) -> None:
+    await eng.load_session(make_spec(caps=(3, 2)))
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held)
+    b = await eng.confirm(h.hold_id, "pay")
+    assert isinstance(b, Booked)
+    h2 = await eng.hold("S1", "0800", patient="p2", account="a2")
+    assert isinstance(h2, Held)
+    again = await eng.load_session(make_spec(caps=(3, 2)))
+    assert not again.created
+    audit = await eng.audit("S1")
+    assert audit.ok and audit.booked == 1 and audit.held == 1 and audit.free == 3
+
+
+async def test_capacity_up_adds_units_down_removes_only_free(eng: Engine) -> None:
+    await eng.load_session(make_spec(caps=(3, 2)))
+    h1 = await eng.hold("S1", "0800", patient="p1", account="a")
+    h2 = await eng.hold("S1", "0800", patient="p2", account="a")
+    assert isinstance(h1, Held) and isinstance(h2, Held)
+    up = await eng.set_capacity("S1", "0800", 5)
+    assert not isinstance(up, Refused) and up.capacity == 5
+    snap = await state(eng)
+    assert {int(u) for u, _ in snap["free"]} == {3, 4, 5, 6, 7}  # 加号: new numbers 6, 7
+    down = await eng.set_capacity("S1", "0800", 0)
+    assert not isinstance(down, Refused)
+    assert down.capacity == 2 and down.requested == 0  # two units are held: they stay
+    audit = await eng.audit("S1")
+    assert audit.ok and audit.slots[0].capacity == 2 and audit.held == 2
+    # Reload with a lower capacity behaves the same.
+    r = await eng.load_session(make_spec(caps=(0, 1)))
+    assert [s.capacity for s in r.slots] == [2, 1]
+    assert (await eng.audit("S1")).ok
+
+
+async def test_capacity_unknown_slot_or_session(eng: Engine) -> None:
+    await eng.load_session(make_spec())
+    r = await eng.set_capacity("S1", "9999", 3)
+    assert isinstance(r, Refused) and r.reason is Reason.NOT_FOUND
+    r = await eng.set_capacity("NOPE", "0800", 3)
+    assert isinstance(r, Refused) and r.reason is Reason.NOT_FOUND
+
+
+async def test_session_identity_cannot_change(eng: Engine) -> None:
+    await eng.load_session(make_spec())
+    before = await dump(eng)
+    with pytest.raises(ScriptError, match="cannot move"):
+        await eng.load_session(make_spec(doctor="DR2"))
+    assert await dump(eng) == before
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"slots": []},
+        {"slots": [{"slot_id": "a b", "start": "08:00", "end": "08:30", "capacity": 1}]},
+        {"slots": [{"slot_id": "A", "start": "08:00", "end": "08:30", "capacity": -1}]},
+        {"slots": [{"slot_id": "A", "start": "8", "end": "08:30", "capacity": 1}]},
+        {"period": "EVENING"},
+        {"session_id": "has.dot"},
+        {"fee": -1},
+        {"unknown_field": 1},
+        {"hold_ttl_ms": 5},
+        {"date": "2026-02-31"},
+        {"date": "0000-00-00"},
+        {"slots": [{"slot_id": "A", "start": "08:00", "end": "08:30", "capacity": 2,
+                    "pools": {"referral": 3}}]},
+        {"slots": [{"slot_id": "A", "start": "08:00", "end": "08:30", "capacity": 2,
+                    "pools": {"vip": 1}}]},
+    ],
+)
+def test_bad_session_specs_are_rejected(patch: dict[str, Any]) -> None:
+    good = msgspec.to_builtins(make_spec())
+    good.update(patch)
+    with pytest.raises(msgspec.ValidationError):
+        parse_session(msgspec.json.encode(good))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b'{"sid":"S9"}',
+        b'{"sid":"S1","hospital":"H","dept":"D","doctor":"X","date":"d","period":"AM",'
+        b'"scope":"dept","fee":1,"release_ms":0,"cutoff_ms":0,"starts_ms":0,'
+        b'"cancel_before_ms":0,"hold_ttl_ms":1000,"slots":[{"id":"A","cap":-3}]}',
+        b'{"sid":"S1","hospital":"H","dept":"D","doctor":"X","date":"d","period":"AM",'
+        b'"scope":"nope","fee":1,"release_ms":0,"cutoff_ms":0,"starts_ms":0,'
+        b'"cancel_before_ms":0,"hold_ttl_ms":1000,"slots":[{"id":"A","cap":1}]}',
+        b'{"sid":"S1","hospital":"H","dept":"D","doctor":"X","date":"d","period":"AM",'
+        b'"scope":"dept","fee":1.5,"release_ms":0,"cutoff_ms":0,"starts_ms":0,'
+        b'"cancel_before_ms":0,"hold_ttl_ms":1000,"slots":[{"id":"A","cap":1}]}',
+    ],
+)
+async def test_load_script_rejects_bad_arguments_without_writing(eng: Engine, body: bytes) -> None:
+    k = PartitionKeys(1)
+    with pytest.raises(ScriptError):
+        await eng.runner.run(
+            "loadSession",
+            [f"{k.records}x", f"{k.records}f", f"{k.records}u", f"{k.records}d", k.sessions],
+            ["S1", body],
+        )
+    assert await eng.client.dbsize() == 0
+
+
+# -- hold ----------------------------------------------------------------------------
+
+
+async def test_hold_takes_lowest_unit_then_sold_out(eng: Engine) -> None:
+    await eng.load_session(make_spec(caps=(2, 1)))
+    got = [await eng.hold("S1", "0800", patient=f"p{i}", account=f"a{i}") for i in range(3)]
+    assert [g.unit for g in got if isinstance(g, Held)] == [1, 2]
+    assert isinstance(got[2], Refused) and got[2].reason is Reason.SOLD_OUT
+    other = await eng.hold("S1", "0830", patient="p9", account="a9")
+    assert isinstance(other, Held) and other.unit == 3
+    assert (await eng.audit("S1")).ok
+
+
+async def test_hold_before_release_answers_release_instant_and_server_time(eng: Engine) -> None:
+    release = now_ms() + 3_600_000
+    await eng.load_session(make_spec(release_at_ms=release))
+    r = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(r, Refused) and r.reason is Reason.NOT_OPEN
+    assert r.release_at_ms == release and abs(r.server_ms - now_ms()) < 5_000
+    assert (await eng.audit("S1")).free == 5
+
+
+async def test_hold_refuses_suspended_and_unknown(eng: Engine) -> None:
+    await eng.load_session(make_spec())
+    r = await eng.hold("S1", "7777", patient="p1", account="a1")
+    assert isinstance(r, Refused) and r.reason is Reason.NOT_FOUND and r.what == "slot"
+    r = await eng.hold("NOPE", "0800", patient="p1", account="a1")
+    assert isinstance(r, Refused) and r.reason is Reason.NOT_FOUND
+    await eng.suspend("S1", "doctor_stopped")
+    r = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(r, Refused) and r.reason is Reason.SUSPENDED
+    assert await eng.resume("S1")
+    assert isinstance(await eng.hold("S1", "0800", patient="p1", account="a1"), Held)
+
+
+async def test_hold_closed_after_cutoff(eng: Engine) -> None:
+    await eng.load_session(make_spec(cutoff_ms=now_ms() - 1))
+    r = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(r, Refused) and r.reason is Reason.CLOSED
+
+
+async def test_one_per_patient_per_department_day(eng: Engine) -> None:
+    await eng.load_session(make_spec("S1", doctor="DR1"))
+    await eng.load_session(make_spec("S2", doctor="DR2"))
+    await eng.load_session(make_spec("S3", dept="D2", doctor="DR3"))
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held)
+    dup = await eng.hold("S2", "0800", patient="p1", account="a2")  # another account, same patient
+    assert isinstance(dup, Refused) and dup.reason is Reason.DUPLICATE
+    assert dup.existing_id == h.hold_id
+    assert isinstance(await eng.hold("S3", "0800", patient="p1", account="a1"), Held)
+    # After the booking is cancelled the patient may book again.
+    b = await eng.confirm(h.hold_id, "pay")
+    assert isinstance(b, Booked)
+    dup = await eng.hold("S2", "0800", patient="p1", account="a1")
+    assert isinstance(dup, Refused) and dup.reason is Reason.DUPLICATE
+    assert isinstance(await eng.cancel(b.booking_id), Cancelled)
+    assert isinstance(await eng.hold("S2", "0800", patient="p1", account="a1"), Held)
+
+
+async def test_doctor_day_scope(eng: Engine) -> None:
+    await eng.load_session(make_spec("S1", doctor="DR1", scope="doctor"))
+    await eng.load_session(make_spec("S2", doctor="DR2", scope="doctor"))
+    assert isinstance(await eng.hold("S1", "0800", patient="p1", account="a1"), Held)
+    assert isinstance(await eng.hold("S2", "0800", patient="p1", account="a1"), Held)
+
+
+async def test_rate_limits_gcra_with_retry_after(fresh_redis: Any, redis_url: str) -> None:
+    cfg = config(account_rate_per_s=1.0, account_burst=3)
+    async with Engine.connect(redis_url, cfg) as eng:
+        await eng.load_session(make_spec(caps=(50,)))
+        results = [
+            await eng.hold("S1", "0800", patient=f"p{i}", account="bot") for i in range(5)
+        ]
+        assert sum(isinstance(r, Held) for r in results) == 3
+        limited = [r for r in results if isinstance(r, Refused)]
+        assert all(r.reason is Reason.RATE_LIMITED for r in limited)
+        assert all(r.retry_after_ms is not None and 0 < r.retry_after_ms <= 1000 for r in limited)
+        # Another account is not affected.
+        assert isinstance(await eng.hold("S1", "0800", patient="q", account="human"), Held)
+    cfg = config(patient_rate_per_s=1.0, patient_burst=1)
+    async with Engine.connect(redis_url, cfg) as eng:
+        await eng.load_session(make_spec("S7", dept="D7", caps=(50,)))
+        first = await eng.hold("S7", "0800", patient="px", account="a1")
+        second = await eng.hold("S7", "0800", patient="px", account="a2")
+        assert isinstance(first, Held)
+        assert isinstance(second, Refused) and second.reason is Reason.RATE_LIMITED
+
+
+async def test_hold_reclaims_expired_holds_on_the_way(eng: Engine) -> None:
+    await eng.load_session(make_spec(caps=(1,), hold_ttl_ms=1000))
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held)
+    r = await eng.hold("S1", "0800", patient="p2", account="a2")
+    assert isinstance(r, Refused) and r.reason is Reason.SOLD_OUT
+    eng.config.clock_offset_ms = 1_500
+    h2 = await eng.hold("S1", "0800", patient="p2", account="a2")
+    assert isinstance(h2, Held) and h2.unit == h.unit
+    rec = await eng.record(h.hold_id)
+    assert rec is not None and rec["st"] == "x"
+    assert (await eng.audit("S1")).ok
+
+
+async def test_hold_idempotency_key_replays_and_detects_reuse(eng: Engine) -> None:
+    await eng.load_session(make_spec())
+    first = await eng.hold("S1", "0800", patient="p1", account="a1", idempotency_key="k")
+    before = await dump(eng)
+    again = await eng.hold("S1", "0800", patient="p1", account="a1", idempotency_key="k")
+    assert isinstance(first, Held) and isinstance(again, Held)
+    assert again.replay and again.hold_id == first.hold_id and again.unit == first.unit
+    assert await dump(eng) == before
+    other = await eng.hold("S1", "0830", patient="p1", account="a1", idempotency_key="k")
+    assert isinstance(other, Refused) and other.reason is Reason.IDEMPOTENCY_MISMATCH
+    assert await dump(eng) == before
+
+
+async def test_hold_bad_arguments_change_nothing(eng: Engine) -> None:
+    await eng.load_session(make_spec())
+    before = await dump(eng)
+    with pytest.raises(ScriptError):
+        await eng.hold("S1", "0800", patient="", account="a1")
+    ref = await eng.ref("S1")
+    assert ref is not None
+    pk = PartitionKeys(ref.partition)
+    keys = [*ref.bundle, pk.idempotency("a", "k"), pk.rate_account("a"), pk.rate_patient("p")]
+    good = ["S1", "0800", "p", "a", "0", 0, 1, 0, 1, 1000, 3, 0, "1", "0.5", "rq"]
+    bads = [(5, "x"), (6, "1.5"), (8, "0"), (9, "-1"), (10, "-1"), (4, ""), (12, "2"), (7, "-5"),
+            (4, "9"), (13, "1.5"), (13, "x"), (2, "p|q")]
+    for i, bad in bads:
+        args = list(good)
+        args[i] = bad
+        with pytest.raises(ScriptError):
+            await eng.runner.run("holdUnit", keys, args)
+    with pytest.raises(ValueError):
+        await eng.runner.run("holdUnit", keys[:5], good)
+    assert await dump(eng) == before
+
+
+# -- confirm -------------------------------------------------------------------------
+
+
+async def test_confirm_books_and_appends_outbox_event(eng: Engine) -> None:
+    await eng.load_session(make_spec())
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held)
+    b = await eng.confirm(h.hold_id, "pay-1")
+    assert isinstance(b, Booked) and b.booking_id == h.hold_id and b.unit == h.unit
+    assert not b.late
+    ref = await eng.ref("S1")
+    assert ref is not None
+    entries = await eng.client.xrange(PartitionKeys(ref.partition).outbox)
+    assert len(entries) == 1
+    ev = msgspec.json.decode(entries[0][1][b"e"])
+    assert ev["t"] == "booked" and ev["id"] == b.booking_id and ev["pay"] == "pay-1"
+    again = await eng.confirm(h.hold_id, "pay-1")
+    assert isinstance(again, Booked) and again.replay and again.unit == b.unit
+    assert len(await eng.client.xrange(PartitionKeys(ref.partition).outbox)) == 1
+
+
+async def test_confirm_unknown_and_malformed(eng: Engine) -> None:
+    await eng.load_session(make_spec())
+    for hid in ["nope", "1.S1.999", "99.S1.1", "1.S1"]:
+        r = await eng.confirm(hid, "pay")
+        assert isinstance(r, Refused) and r.reason is Reason.NOT_FOUND
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held)
+    before = await dump(eng)
+    with pytest.raises(ScriptError):
+        await eng.confirm(h.hold_id, "")
+    assert await dump(eng) == before
+
+
+async def test_confirm_after_expiry_same_unit_free_books_it(eng: Engine) -> None:
+    await eng.load_session(make_spec(caps=(2,), hold_ttl_ms=1000))
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held)
+    eng.config.clock_offset_ms = 2_000  # expired, not yet reclaimed
+    b = await eng.confirm(h.hold_id, "pay")
+    assert isinstance(b, Booked) and b.late and b.unit == h.unit
+    assert (await eng.audit("S1")).booked == 1
+
+
+async def test_confirm_after_expiry_takes_another_unit_or_refunds(eng: Engine) -> None:
+    await eng.load_session(make_spec(caps=(2,), hold_ttl_ms=1000))
+    h1 = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h1, Held) and h1.unit == 1
+    eng.config.clock_offset_ms = 2_000
+    assert await eng.sweep() == 1
+    h2 = await eng.hold("S1", "0800", patient="p2", account="a2")  # takes unit 1
+    assert isinstance(h2, Held) and h2.unit == 1
+    b = await eng.confirm(h1.hold_id, "pay")
+    assert isinstance(b, Booked) and b.late and b.unit == 2
+    # Now nothing is free: a late payment is refunded.
+    h3 = await eng.hold("S1", "0800", patient="p3", account="a3")
+    assert isinstance(h3, Refused) and h3.reason is Reason.SOLD_OUT
+    await eng.cancel(b.booking_id)
+    h3 = await eng.hold("S1", "0800", patient="p3", account="a3")
+    assert isinstance(h3, Held)
+    eng.config.clock_offset_ms = 4_000
+    await eng.sweep()
+    h4 = await eng.hold("S1", "0800", patient="p4", account="a4")
+    h5 = await eng.hold("S1", "0800", patient="p5", account="a5")
+    assert isinstance(h4, Held) and isinstance(h5, Held)
+    r = await eng.confirm(h3.hold_id, "pay-3")
+    assert isinstance(r, Refused) and r.reason is Reason.EXPIRED and r.refund_due
+    again = await eng.confirm(h3.hold_id, "pay-3")
+    assert isinstance(again, Refused) and again.reason is Reason.EXPIRED and again.replay
+    ref = await eng.ref("S1")
+    assert ref is not None
+    kinds = [
+        msgspec.json.decode(e[b"e"])["t"]
+        for _, e in await eng.client.xrange(PartitionKeys(ref.partition).outbox)
+    ]
+    assert kinds == ["booked", "cancelled", "refund_due"]
+    assert (await eng.audit("S1")).ok
+
+
+async def test_confirm_when_patient_booked_elsewhere_meanwhile_refunds(eng: Engine) -> None:
+    await eng.load_session(make_spec("S1", caps=(2,), hold_ttl_ms=1000))
+    await eng.load_session(make_spec("S2", doctor="DR2", caps=(2,)))
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held)
+    eng.config.clock_offset_ms = 2_000
+    other = await eng.hold("S2", "0800", patient="p1", account="a1")
+    assert isinstance(other, Held)
+    r = await eng.confirm(h.hold_id, "pay")
+    assert isinstance(r, Refused) and r.reason is Reason.EXPIRED
+
+
+async def test_confirm_on_suspended_session_refunds(eng: Engine) -> None:
+    await eng.load_session(make_spec())
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held)
+    await eng.suspend("S1", "doctor_stopped")
+    r = await eng.confirm(h.hold_id, "pay")
+    assert isinstance(r, Refused) and r.reason is Reason.EXPIRED and r.refund_due
+
+
+# -- release / cancel -------------------------------------------------------------
+
+
+async def test_release_returns_unit_once_and_is_idempotent(eng: Engine) -> None:
+    await eng.load_session(make_spec())
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held)
+    r = await eng.release(h.hold_id, account="other")
+    assert isinstance(r, Refused) and r.reason is Reason.NOT_FOUND
+    r1 = await eng.release(h.hold_id, account="a1")
+    assert isinstance(r1, Released) and not r1.replay
+    before = await dump(eng)
+    r2 = await eng.release(h.hold_id, account="a1")
+    assert isinstance(r2, Released) and r2.replay
+    assert await dump(eng) == before
+    assert (await eng.audit("S1")).free == 5
+
+
+async def test_release_of_booking_is_invalid(eng: Engine) -> None:
+    await eng.load_session(make_spec())
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held)
+    await eng.confirm(h.hold_id, "pay")
+    r = await eng.release(h.hold_id)
+    assert isinstance(r, Refused) and r.reason is Reason.INVALID_STATE and r.state == "booked"
+    c = await eng.cancel("nope.x.1")
+    assert isinstance(c, Refused) and c.reason is Reason.NOT_FOUND
+
+
+async def test_cancel_returns_unit_emits_event_and_is_idempotent(eng: Engine) -> None:
+    await eng.load_session(make_spec())
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held)
+    r = await eng.cancel(h.hold_id)
+    assert isinstance(r, Refused) and r.reason is Reason.INVALID_STATE
+    await eng.confirm(h.hold_id, "pay")
+    r = await eng.cancel(h.hold_id, account="intruder")
+    assert isinstance(r, Refused) and r.reason is Reason.NOT_FOUND
+    c = await eng.cancel(h.hold_id, account="a1", reason="patient")
+    assert isinstance(c, Cancelled) and not c.replay
+    before = await dump(eng)
+    c2 = await eng.cancel(h.hold_id, account="a1")
+    assert isinstance(c2, Cancelled) and c2.replay
+    assert await dump(eng) == before
+    audit = await eng.audit("S1")
+    assert audit.ok and audit.free == 5
+    with pytest.raises(ScriptError):
+        await eng.cancel(h.hold_id, reason="")
+
+
+async def test_cancel_deadline_and_force(eng: Engine) -> None:
+    starts = now_ms() + 10 * 60_000
+    await eng.load_session(make_spec(starts_ms=starts, cancel_before_ms=30 * 60_000))
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held)
+    await eng.confirm(h.hold_id, "pay")
+    r = await eng.cancel(h.hold_id, account="a1")
+    assert isinstance(r, Refused) and r.reason is Reason.CANCEL_DEADLINE
+    assert r.deadline_ms == starts - 30 * 60_000
+    assert isinstance(await eng.cancel(h.hold_id, reason="his_rejected", force=True), Cancelled)
+
+
+# -- sweep / suspend / availability / audit ---------------------------------------------
+
+
+async def test_sweep_reclaims_every_expired_hold(eng: Engine) -> None:
+    for i in range(4):
+        await eng.load_session(make_spec(f"S{i}", dept=f"D{i}", caps=(5,), hold_ttl_ms=1000))
+    for i in range(4):
+        for j in range(5):
+            assert isinstance(await eng.hold(f"S{i}", "0800", patient=f"p{j}", account="a"), Held)
+    assert await eng.sweep() == 0
+    eng.config.clock_offset_ms = 1_500
+    assert await eng.sweep() == 20
+    for i in range(4):
+        a = await eng.audit(f"S{i}")
+        assert a.ok and a.free == 5
+
+
+async def test_suspend_cancels_bookings_with_events_and_releases_holds(eng: Engine) -> None:
+    await eng.load_session(make_spec())
+    h1 = await eng.hold("S1", "0800", patient="p1", account="a1")
+    h2 = await eng.hold("S1", "0800", patient="p2", account="a2")
+    assert isinstance(h1, Held) and isinstance(h2, Held)
+    await eng.confirm(h1.hold_id, "pay")
+    s = await eng.suspend("S1", "doctor_stopped")
+    assert not isinstance(s, Refused) and (s.cancelled, s.released) == (1, 1)
+    ref = await eng.ref("S1")
+    assert ref is not None
+    events = [
+        msgspec.json.decode(e[b"e"])
+        for _, e in await eng.client.xrange(PartitionKeys(ref.partition).outbox)
+    ]
+    assert [(e["t"], e["rsn"]) for e in events] == [
+        ("booked", ""), ("cancelled", "doctor_stopped")
+    ]
+    again = await eng.suspend("S1", "doctor_stopped")
+    assert not isinstance(again, Refused) and (again.cancelled, again.released) == (0, 0)
+    assert (await eng.audit("S1")).ok
+    r = await eng.suspend("NOPE")
+    assert isinstance(r, Refused) and r.reason is Reason.NOT_FOUND
+
+
+async def test_availability_per_session_and_department_day(eng: Engine) -> None:
+    await eng.load_session(make_spec("S1", caps=(3, 2)))
+    await eng.load_session(make_spec("S2", doctor="DR2", caps=(4,)))
+    await eng.hold("S1", "0800", patient="p1", account="a1")
+    a = await eng.availability("S1")
+    assert a is not None and [s.free for s in a.slots] == [2, 2] and a.capacity == 5
+    day = await eng.dept_day_availability("D1", "2026-12-01")
+    assert [(s.session_id, s.free) for s in day.sessions] == [("S1", 4), ("S2", 4)]
+    empty = await eng.dept_day_availability("D404", "2026-12-01")
+    assert empty.sessions == []
+    assert await eng.availability("NOPE") is None
+
+
+async def test_audit_reports_a_breach(eng: Engine) -> None:
+    await eng.load_session(make_spec())
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held)
+    ref = await eng.ref("S1")
+    assert ref is not None
+    # Corrupt Redis by hand: the held unit also shows as free.
+    await eng.client.zadd(ref.keys.free, {str(h.unit): 1_000_000 + h.unit})
+    audit = await eng.audit("S1")
+    assert not audit.ok and any("both free and in use" in b for b in audit.breaches)
+
+
+async def test_has_answer_tells_a_retry_from_a_new_request(eng: Engine) -> None:
+    await eng.load_session(make_spec(caps=(1,)))
+    assert not await eng.has_answer("S1", "a1", "k1")
+    h = await eng.hold("S1", "0800", patient="p1", account="a1", idempotency_key="k1")
+    assert isinstance(h, Held)
+    assert await eng.has_answer("S1", "a1", "k1")
+    assert not await eng.has_answer("S1", "a2", "k1")
+    assert not await eng.has_answer("NOPE", "a1", "k1")

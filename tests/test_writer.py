@@ -1,0 +1,239 @@
+"""The outbox writer on real Redis and PostgreSQL, with real crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import asyncpg
+import msgspec
+import pytest
+
+from engine import Booked, Engine, Held
+from engine.keys import PartitionKeys
+from engine.servers import PostgresServer, RedisServer
+from engine.store.migrate import migrate
+from engine.writer import GROUP, OutboxWriter, WriterConfig, outbox_lag
+from tests.enginekit import book_many, config, drain, make_spec
+
+
+@pytest.fixture
+def db(db_pool: asyncpg.Pool) -> asyncpg.Pool:
+    return db_pool
+
+
+@pytest.fixture
+def eng(engine_on_fresh_redis: Engine) -> Engine:
+    return engine_on_fresh_redis
+
+
+async def test_writer_writes_every_event_once(eng: Engine, db: asyncpg.Pool) -> None:
+    await eng.load_session(make_spec("S1", caps=(20,), hold_ttl_ms=1000))
+    ids = await book_many(eng, "S1", 10)
+    await eng.cancel(ids[0], reason="patient")
+    h = await eng.hold("S1", "0800", patient="late", account="al")
+    assert isinstance(h, Held)
+    eng.config.clock_offset_ms = 2_000
+    await eng.sweep()
+    # Sell out the slot so the late payment finds no unit: refund due.
+    await book_many(eng, "S1", 11, prefix="q")
+    r = await eng.confirm(h.hold_id, "pay-late")
+    assert not r.ok
+    w = await drain(eng, db)
+    assert w.written == 10 + 1 + 11 + 1
+    rows = {r["id"]: r for r in await db.fetch("SELECT * FROM bookings")}
+    assert rows[ids[0]]["status"] == "cancelled"
+    assert rows[h.hold_id]["status"] == "refund_due"
+    assert sum(r["status"] == "booked" for r in rows.values()) == 20
+    assert await db.fetchval("SELECT count(*) FROM refunds") == 1
+    lag = await outbox_lag(eng.client)
+    assert lag.pending == 0 and lag.undelivered == 0
+    # Redelivery of everything (group rewound) changes nothing.
+    ref = await eng.ref("S1")
+    assert ref is not None
+    await eng.client.xgroup_setid(PartitionKeys(ref.partition).outbox, GROUP, "0")
+    w2 = await drain(eng, db)
+    assert w2.written == w.written
+    assert await db.fetchval("SELECT count(*) FROM bookings") == len(rows)
+    assert await db.fetchval("SELECT count(*) FROM booking_events") == w.written
+
+
+async def test_poison_entry_goes_to_dead_letters(eng: Engine, db: asyncpg.Pool) -> None:
+    await eng.load_session(make_spec("S1", caps=(5,)))
+    ref = await eng.ref("S1")
+    assert ref is not None
+    stream = PartitionKeys(ref.partition).outbox
+    await eng.client.xadd(stream, {"e": "{not json"})
+    await book_many(eng, "S1", 2)
+    w = await drain(eng, db)
+    assert w.dead == 1 and w.written == 2
+    assert await db.fetchval("SELECT count(*) FROM outbox_dead_letters") == 1
+    assert await db.fetchval("SELECT count(*) FROM bookings WHERE status='booked'") == 2
+
+
+async def test_conflict_is_recorded_and_compensated(eng: Engine, db: asyncpg.Pool) -> None:
+    """Redis loses a booking it acknowledged; the unit is sold again; the
+    PostgreSQL arbiter catches it: the later one is refunded and cancelled,
+    the earlier one is put back on its unit."""
+    await eng.load_session(make_spec("S1", caps=(3,)))
+    [first] = await book_many(eng, "S1", 1)
+    await drain(eng, db)
+    ref = await eng.ref("S1")
+    assert ref is not None
+    # Simulate the lost write: the session's Redis state forgets the booking.
+    rec = await eng.record(first)
+    assert rec is not None
+    await eng.client.hdel(ref.keys.units, str(rec["unit"]))
+    await eng.client.zadd(ref.keys.free, {str(rec["unit"]): 1_000_000 + rec["unit"]})
+    await eng.client.hdel(PartitionKeys(ref.partition).records, first)
+    await eng.client.delete(ref.rule_key)
+    [second] = await book_many(eng, "S1", 1, prefix="other")
+    assert (await eng.record(second) or {})["unit"] == rec["unit"]
+    w = await drain(eng, db)
+    assert w.conflicts == 1
+    row = await db.fetchrow("SELECT status FROM bookings WHERE id=$1", second)
+    assert row["status"] == "conflict"
+    assert await db.fetchval("SELECT winner_booking_id FROM booking_conflicts") == first
+    assert await db.fetchval("SELECT reason FROM refunds WHERE booking_id=$1", second) == "conflict"
+    restored = await eng.record(first)
+    assert restored is not None and restored["st"] == "b" and restored["unit"] == rec["unit"]
+    audit = await eng.audit("S1")
+    assert audit.ok and audit.booked == 1 and first in audit.booked_units
+
+
+WRITER_SCRIPT = """
+import asyncio, os, sys
+import asyncpg
+from engine import Engine
+from engine.writer import OutboxWriter, WriterConfig
+from tests.enginekit import config
+
+async def main():
+    pool = await asyncpg.create_pool(sys.argv[2], min_size=1, max_size=2)
+    async def stall(n):
+        print("COMMITTED", n, flush=True)
+        await asyncio.sleep(3600)
+    async with Engine.connect(sys.argv[1], config()) as eng:
+        w = OutboxWriter(eng, pool, WriterConfig(batch_size=50, block_ms=20,
+                         consumer="doomed", after_commit=stall))
+        await w.run(asyncio.Event())
+
+asyncio.run(main())
+"""
+
+
+async def test_writer_killed_between_commit_and_ack(eng: Engine, db: asyncpg.Pool,
+                                                     fresh_pg_dsn: str, redis_url: str) -> None:
+    await eng.load_session(make_spec("S1", caps=(120,)))
+    ids = await book_many(eng, "S1", 120)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER_SCRIPT, redis_url, fresh_pg_dsn,
+        stdout=asyncio.subprocess.PIPE, cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
+        assert line.startswith(b"COMMITTED")
+        os.kill(proc.pid, signal.SIGKILL)
+        await asyncio.wait_for(proc.wait(), timeout=10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert (await outbox_lag(eng.client)).pending > 0  # committed, never acknowledged
+    w = await drain(eng, db, claim_idle_ms=100, consumer="survivor")
+    assert w.written == 120
+    got = [r["id"] for r in await db.fetch("SELECT id FROM bookings WHERE status='booked'")]
+    assert sorted(got) == sorted(ids)
+    assert await db.fetchval("SELECT count(*) FROM booking_events") == 120
+    assert (await outbox_lag(eng.client)).pending == 0
+
+
+@pytest.mark.timeout(180)
+async def test_postgres_down_during_confirmations_nothing_lost(eng: Engine) -> None:
+    pg = PostgresServer()
+    pg.start()
+    try:
+        await migrate(pg.dsn)
+        pool = await asyncpg.create_pool(pg.dsn, min_size=1, max_size=2)
+        await eng.load_session(make_spec("S1", caps=(200,)))
+        stop = asyncio.Event()
+        w = OutboxWriter(eng, pool, WriterConfig(block_ms=20))
+        task = asyncio.create_task(w.run(stop))
+        ids = await book_many(eng, "S1", 50)
+        await asyncio.to_thread(pg.crash)
+        ids += await book_many(eng, "S1", 100, prefix="during")
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(pg.restart)
+        ids += await book_many(eng, "S1", 50, prefix="after")
+        for _ in range(300):
+            lag = await outbox_lag(eng.client)
+            if lag.pending == 0 and lag.undelivered == 0:
+                break
+            await asyncio.sleep(0.1)
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
+        conn = await asyncpg.connect(pg.dsn)
+        got = [r["id"] for r in await conn.fetch("SELECT id FROM bookings WHERE status='booked'")]
+        await conn.close()
+        await pool.close()
+        assert sorted(got) == sorted(ids)
+    finally:
+        pg.cleanup()
+
+
+@pytest.mark.timeout(180)
+async def test_redis_kill9_during_confirmations_loses_no_acknowledged_booking(
+    fresh_pg_dsn: str,
+) -> None:
+    """AOF always: every confirmation the engine acknowledged survives kill -9
+    of Redis, reaches PostgreSQL, and the audit is clean."""
+    await migrate(fresh_pg_dsn)
+    redis = RedisServer(appendonly=True, appendfsync="always")
+    redis.start()
+    acked: list[str] = []
+    try:
+        async with Engine.connect(redis.url, config()) as eng:
+            await eng.load_session(make_spec("S1", caps=(400,)))
+
+            async def client(k: int) -> None:
+                for i in range(100):
+                    try:
+                        h = await eng.hold("S1", "0800", patient=f"c{k}-{i}", account=f"a{k}")
+                        if isinstance(h, Held):
+                            b = await eng.confirm(h.hold_id, "pay")
+                            if isinstance(b, Booked):
+                                acked.append(b.booking_id)
+                    except Exception:  # connection refused while Redis is down
+                        await asyncio.sleep(0.05)
+
+            clients = [asyncio.create_task(client(k)) for k in range(4)]
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(redis.kill)
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(redis.restart)
+            await asyncio.gather(*clients)
+            assert len(acked) > 0
+            pool = await asyncpg.create_pool(fresh_pg_dsn, min_size=1, max_size=2)
+            try:
+                await drain(eng, pool)
+                got = {r["id"] for r in await pool.fetch(
+                    "SELECT id FROM bookings WHERE status='booked'")}
+            finally:
+                await pool.close()
+            assert set(acked) <= got
+            audit = await eng.audit("S1")
+            assert audit.ok, audit.breaches
+            assert set(audit.booked_units) == got
+    finally:
+        redis.cleanup()
+
+
+def test_event_schema_matches_lua() -> None:
+    from engine.writer import OutboxEvent
+
+    raw = (b'{"slot":"0800","id":"17.S1.1","t":"booked","unit":1,"at":1795457867865,'
+           b'"pat":"p1","fee":5000,"v":1,"rsn":"","acct":"a1","pay":"pay1","sid":"S1"}')
+    ev = msgspec.json.decode(raw, type=OutboxEvent)
+    assert ev.t == "booked" and ev.unit == 1
