@@ -10,6 +10,8 @@ cd "$(dirname "$0")"
 need_os_packages() {
   local missing=()
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server redis-tools)
+  # wrk: the load generator of `haoyuan bench http|peers|peking`
+  command -v wrk >/dev/null 2>&1 || missing+=(wrk)
   if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
     missing+=(postgresql)
   fi

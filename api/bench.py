@@ -44,6 +44,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from engine.engine import Engine, EngineConfig
 from engine.model import SessionSpec, SlotSpec
 from engine.pii import check_digit
 from engine.servers import PostgresServer, RedisServer, free_port
@@ -174,10 +175,11 @@ async def _wait_http(url: str, within_s: float = 30.0) -> None:
             await asyncio.sleep(0.1)
 
 
-async def _setup_accounts(dsn: str, n: int) -> tuple[list[str], list[str]]:
-    """Accounts and bound patients written through the store (what POST
-    /v1/auth/wechat and POST /v1/patients do), tokens minted with the
-    server's secret: a thousand HTTP logins would take much of a quick run."""
+async def _setup_accounts(dsn: str, redis_url: str, n: int) -> tuple[list[str], list[str]]:
+    """Accounts and bound patients written through the store and the binding
+    mirror (what POST /v1/auth/wechat and POST /v1/patients do), tokens minted
+    with the server's secret: a thousand HTTP logins would take much of a
+    quick run."""
     import asyncpg
 
     from api.auth import TokenSigner
@@ -191,15 +193,17 @@ async def _setup_accounts(dsn: str, n: int) -> tuple[list[str], list[str]]:
     pool = await asyncpg.create_pool(dsn, min_size=4, max_size=4)
     sem = asyncio.Semaphore(4)
 
-    async def one(i: int) -> tuple[str, str]:
+    async def one(eng: Engine, i: int) -> tuple[str, str]:
         async with sem, pool.acquire() as conn:
             acct = await q.create_account(conn, crypto.openid_hash(f"bench{i}"))
             view = await q.bind_patient(conn, crypto, acct, "测试", "13800000000",
                                         _national_id(i))
+        await eng.mirror_binding(acct, view.patient_id, view.ref)
         return signer.mint(acct)[0], view.patient_id
 
     try:
-        got = await asyncio.gather(*(one(i) for i in range(n)))
+        async with Engine.connect(redis_url, EngineConfig()) as eng:
+            got = await asyncio.gather(*(one(eng, i) for i in range(n)))
     finally:
         await pool.close()
     return [t for t, _ in got], [p for _, p in got]
@@ -255,7 +259,7 @@ async def run_http_bench(quick: bool = False, *, workers: int = 2,
                  for d, sids in enumerate(per_set) for j, sid in enumerate(sids)]
         specs.append(_spec("SOLDOUT", "BDSOLD", dates[0], 0))
         await _import(base, specs)
-        tokens, patients = await _setup_accounts(pg.dsn, ACCOUNTS)
+        tokens, patients = await _setup_accounts(pg.dsn, redis.url, ACCOUNTS)
         setup_s = time.monotonic() - t_start
 
         scripts = [tmp / f"hold-{i}.lua" for i in range(len(per_set))]

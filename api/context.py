@@ -122,10 +122,20 @@ class Api:
     async def patient_ref(self, account: str, patient_id: str) -> str | None:
         """The engine's patient ref of one of the account's patients, or None."""
         ref = self.patient_refs.get(account, patient_id)
+        if ref is not None:
+            return ref
+        # The binding mirror in Redis (one batched read) before PostgreSQL:
+        # on release morning every hold is an account's first, so this cache
+        # is cold and the store would pay one query per hold.
+        ref = await self.engine.binding(account, patient_id)
+        if ref == "":
+            return None  # unbound (tombstone)
         if ref is None:
             ref = await q.get_patient_ref(self.pool, account, patient_id)
-            if ref is not None:
-                self.patient_refs.put(account, patient_id, ref)
+            if ref is None:
+                return None
+            await self.engine.mirror_binding(account, patient_id, ref, fill=True)
+        self.patient_refs.put(account, patient_id, ref)
         return ref
 
     def learn(self, availability: Availability) -> None:

@@ -27,6 +27,7 @@ import asyncpg
 from api.auth import TokenSigner
 from api.bench import _ADMIN, _ensure_wrk, _hardware, _import, _parse_wrk, _wait_http
 from api.settings import dev_crypto
+from engine.engine import Engine, EngineConfig
 from engine.pii import check_digit
 
 __all__ = [
@@ -129,11 +130,14 @@ def national_id(i: int) -> str:
     return first + check_digit(first)
 
 
-async def prepare_patients(pg_dsn: str, n: int, path: Path, *, offset: int = 0) -> int:
+async def prepare_patients(pg_dsn: str, n: int, path: Path, *, offset: int = 0,
+                           redis_url: str | None = None) -> int:
     """``n`` accounts with one bound patient each, written straight to the
     store with COPY (encrypted fields, keyed ID hash, as ``POST
     /v1/patients`` would write them), and tokens minted with the API's token
-    secret. Writes ``token<TAB>patient_id`` lines to ``path``; returns n."""
+    secret; with ``redis_url``, also the binding mirror that the bind writes
+    and holds read. Writes ``token<TAB>patient_id`` lines to ``path``;
+    returns n."""
     crypto = dev_crypto()
     signer = TokenSigner(TOKEN_SECRET, 4 * 3600)
     accounts: list[tuple[str, str]] = []
@@ -163,6 +167,11 @@ async def prepare_patients(pg_dsn: str, n: int, path: Path, *, offset: int = 0) 
                          "national_id_enc", "key_id"])
     finally:
         await conn.close()
+    if redis_url is not None:
+        async with Engine.connect(redis_url, EngineConfig()) as eng:
+            for i in range(0, len(patients), 2000):
+                await asyncio.gather(*(eng.mirror_binding(p[1], str(p[0]), p[2])
+                                       for p in patients[i:i + 2000]))
     await asyncio.to_thread(path.write_text, "".join(lines))
     return n
 

@@ -249,7 +249,7 @@ async def run_peers(quick: bool = False, *, repeats: int | None = None,
         await wait_http(rel_url + "/healthz", 60)
         await asyncio.sleep(1.0)  # every worker through its lifespan startup
         rows = tmp / "patients.tsv"
-        await prepare_patients(pg.dsn, patients, rows)
+        await prepare_patients(pg.dsn, patients, rows, redis_url=redis.url)
         script = tmp / "spike.lua"
         script.write_text(SPIKE_LUA)
         roots = {"ours_api": ours_proc.pid, "relational_api": rel_proc.pid,

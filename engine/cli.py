@@ -7,6 +7,7 @@
     haoyuan import FILE                    sessions JSON -> PostgreSQL + engine
     haoyuan audit [--json]                 conservation, Redis vs PostgreSQL vs HIS
     haoyuan rebuild [SESSION ...]          Redis state from PostgreSQL
+    haoyuan rebuild-bindings               Redis's binding mirror from PostgreSQL
 
 Connections come from ``--redis-url`` / ``--pg-dsn`` or the environment
 (``HAOYUAN_REDIS_URL``, ``HAOYUAN_PG_DSN``, ``HAOYUAN_HIS_URL``).
@@ -103,7 +104,7 @@ async def _bench(a: argparse.Namespace) -> int:
     elif a.what == "peking":
         from benchmarks.peking import run_peking
 
-        result = await run_peking(quick=a.quick)
+        result = await run_peking(quick=a.quick, open_loop=a.open_loop)
     else:
         from api.bench import run_http_bench
 
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["engine", "http", "durability", "peers", "peking"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--open-loop", action="store_true",
+                   help="peking: an open-loop crowd on a rate schedule (benchmarks/openloop.c)")
 
     _extend(sub)
     return ap

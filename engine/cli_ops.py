@@ -64,6 +64,22 @@ async def _rebuild(a: argparse.Namespace) -> int:
     return 0 if all(not r.failed for r in reports) else 1
 
 
+async def _rebuild_bindings(a: argparse.Namespace) -> int:
+    import asyncpg
+
+    from engine.engine import Engine, EngineConfig
+    from engine.rebuild import rebuild_bindings
+
+    pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=2)
+    try:
+        async with Engine.connect(a.redis_url, EngineConfig()) as eng:
+            written = await rebuild_bindings(eng, pool)
+    finally:
+        await pool.close()
+    print(msgspec.json.encode({"written": written}).decode())
+    return 0
+
+
 async def _import(a: argparse.Namespace) -> int:
     import asyncpg
 
@@ -151,6 +167,11 @@ def register(
     add_conn(p)
     p.add_argument("session", nargs="*")
     commands["rebuild"] = _rebuild
+
+    p = sub.add_parser("rebuild-bindings",
+                       help="refill Redis's binding mirror (read by holds) from PostgreSQL")
+    add_conn(p)
+    commands["rebuild-bindings"] = _rebuild_bindings
 
     p = sub.add_parser("import", help="import sessions (JSON list of session specs)")
     add_conn(p)

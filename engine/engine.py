@@ -368,6 +368,27 @@ class Engine:
             expires_at_ms=int(d["dl"]), server_ms=int(d["now"]), replay=bool(d.get("rp", 0)),
         )
 
+    async def binding(self, account: str, patient_id: str) -> str | None:
+        """The patient ref of one of the account's patients from the binding
+        mirror: the ref, ``""`` if the binding is known to be gone, ``None``
+        if the mirror does not know it (ask the store). Batched with the holds."""
+        got = await self.runner.run("readBinding", [K.binding_mirror(account)], [patient_id])
+        if got is None:
+            return None
+        return got.decode() if isinstance(got, bytes) else str(got)
+
+    async def mirror_binding(self, account: str, patient_id: str, ref: str | None, *,
+                             fill: bool = False) -> bool:
+        """Write the mirror entry of a binding: its ref, or a tombstone
+        (``ref=None``: unbound). ``fill=True`` writes only where the mirror has
+        no entry (a miss filled from the store), so it never undoes a tombstone
+        that an unbind wrote meanwhile. True if written."""
+        if fill and ref is None:
+            raise ValueError("fill needs a ref")
+        n = await self.runner.run("writeBinding", [K.binding_mirror(account)],
+                                  [patient_id, ref or "", "fill" if fill else "set"])
+        return bool(n)
+
     async def has_answer(self, session_id: str, account: str, idempotency_key: str) -> bool:
         """Whether a hold under this key already has a stored answer (a tiny
         read-only script, batched with the holds). A caller may answer a keyed

@@ -93,6 +93,12 @@ class PartitionKeys:
         return f"{tag(self.p)}:ban:{patient}"
 
 
+def binding_mirror(account: str) -> str:
+    """The account's binding mirror (patient id -> ref), one key, untagged:
+    the scripts that use it take only this key."""
+    return f"{PREFIX}:pb:{account}"
+
+
 def partition_of_patient(patient: str) -> int:
     """Where a patient's hospital-wide state lives (active count, ban)."""
     return zlib.crc32(f"patient|{patient}".encode()) % PARTITIONS

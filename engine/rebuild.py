@@ -1,10 +1,12 @@
 """Rebuild a session's Redis state from PostgreSQL after Redis lost its data:
 the session and its slots are loaded again, then every active booking is put
 back on its own unit (never reissued). Holds are not restored: they were
-never promised (their payments, if any, are found by reconciliation)."""
+never promised (their payments, if any, are found by reconciliation).
+``rebuild_bindings`` refills the binding mirror that holds read."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
@@ -79,3 +81,29 @@ async def rebuild(engine: Engine, pool: Any, session_ids: list[str] | None = Non
     if not session_ids:
         session_ids = [r["id"] for r in await pool.fetch("SELECT id FROM sessions ORDER BY id")]
     return [await rebuild_session(engine, pool, sid) for sid in session_ids]
+
+
+async def rebuild_bindings(engine: Engine, pool: Any, *, chunk: int = 2000) -> int:
+    """Fill the binding mirror (account -> patient id -> ref, read by every
+    hold) from PostgreSQL's active bindings, after Redis lost it or for
+    bindings written around the API. Fill semantics: an entry the mirror
+    already has, a tombstone included, is left alone. Returns how many
+    entries were written."""
+    written = 0
+    async with pool.acquire() as conn, conn.transaction():
+        cur = conn.cursor("SELECT account_id, id, id_hash FROM patients"
+                          " WHERE unbound_at IS NULL ORDER BY account_id, id")
+        batch: list[Any] = []
+
+        async def flush() -> int:
+            got = await asyncio.gather(*(engine.mirror_binding(
+                r["account_id"], str(r["id"]), r["id_hash"], fill=True) for r in batch))
+            batch.clear()
+            return sum(got)
+
+        async for r in cur:
+            batch.append(r)
+            if len(batch) >= chunk:
+                written += await flush()
+        written += await flush()
+    return written

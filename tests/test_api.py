@@ -23,6 +23,7 @@ from api.auth import Code2SessionVerifier, InvalidLoginCode, LoginUnavailable, T
 from api.logs import configure_logging
 from api.problems import REASONS
 from api.settings import Settings, SettingsError
+from engine import keys as K
 from engine.engine import Engine
 from engine.outcomes import Reason
 from engine.pii import mask_id
@@ -238,6 +239,41 @@ async def test_patients_bind_list_unbind(client: Client) -> None:
                "not-found")
     is_problem(await client.delete("/v1/patients/not-a-uuid", headers=headers), 404, "not-found")
     assert (await client.get("/v1/patients", headers=headers)).json() == []
+
+
+async def test_binding_mirror_serves_holds_and_unbind_tombstones(
+    client: Client, app: Litestar, redis_url: str
+) -> None:
+    """Holds resolve the patient from the Redis binding mirror (the store only
+    on a miss, which fills it); an unbind's tombstone wins over a late fill."""
+    a = api(app)
+    sid = await session(client)
+    n = 900_000 + next(_ids)
+    headers, pid = await account(client, n)
+    acct = a.tokens.verify(headers["Authorization"][7:])
+    assert acct is not None
+    ref = a.crypto.id_hash(national_id(n))
+    async with Engine.connect(redis_url) as eng:
+        assert await eng.binding(acct, pid) == ref  # written by the bind
+        await eng.client.delete(K.binding_mirror(acct))  # e.g. Redis lost it
+        a.patient_refs.forget(acct, pid)
+        assert (await hold(client, headers, sid, pid)).status_code == 201  # store, then filled
+        assert await eng.binding(acct, pid) == ref
+        # The mirror is what holds read: a tombstone makes the patient unknown
+        # at once, whatever the store and this worker's cache said.
+        await eng.mirror_binding(acct, pid, None)
+        a.patient_refs.forget(acct, pid)
+        is_problem(await hold(client, headers, sid, pid, slot="0830"), 404, "not-found")
+        await eng.mirror_binding(acct, pid, ref)
+        a.patient_refs.forget(acct, pid)
+        is_problem(await hold(client, headers, sid, pid, slot="0830"), 409, "duplicate")
+        assert (await client.delete(f"/v1/patients/{pid}", headers=headers)).status_code == 204
+        assert await eng.binding(acct, pid) == ""
+        assert not await eng.mirror_binding(acct, pid, ref, fill=True)
+        is_problem(await hold(client, headers, sid, pid, slot="0830"), 404, "not-found")
+        # Binding the same person again is a new binding with its own id.
+        again = await bind(client, headers, n)
+        assert again != pid and await eng.binding(acct, again) == ref
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,12 @@ import pytest
 
 from engine import Booked, Engine, Held
 from engine.audit import run_audit
-from engine.rebuild import rebuild
+from engine.pii import Crypto
+from engine.rebuild import rebuild, rebuild_bindings
+from engine.store import queries as q
 from engine.store.queries import StoredSession, upsert_schedule
 from engine.writer import OutboxWriter, WriterConfig
+from tests.apikit import national_id
 from tests.enginekit import config, make_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,3 +108,30 @@ async def test_audit_command_json_and_exit_code(fresh_redis: Any, redis_url: str
     out, _ = await p.communicate()
     assert p.returncode == 1 and json.loads(out)["ok"] is False
     assert await db.fetchval("SELECT count(*) FROM audit_runs") == 3
+
+
+async def test_rebuild_bindings_refills_the_mirror(fresh_redis: Any, redis_url: str,
+                                                   db: asyncpg.Pool, fresh_pg_dsn: str) -> None:
+    """Redis lost the binding mirror: ``haoyuan rebuild-bindings`` refills it
+    from PostgreSQL's active bindings and leaves what the mirror has alone."""
+    crypto = Crypto.generate_dev()
+    views: list[tuple[str, q.PatientView]] = []
+    async with db.acquire() as conn:
+        for i in range(5):
+            acct = await q.create_account(conn, crypto.openid_hash(f"rb{i}"))
+            views.append((acct, await q.bind_patient(conn, crypto, acct, "测试", "13800000000",
+                                                     national_id(700 + i))))
+    gone_acct, gone = views.pop()
+    assert await q.unbind_patient(db, gone_acct, gone.patient_id)
+    async with Engine.connect(redis_url, config()) as eng:
+        await eng.mirror_binding(views[0][0], views[0][1].patient_id, None)  # a tombstone
+        p = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "engine.cli", "rebuild-bindings", "--redis-url", redis_url,
+            "--pg-dsn", fresh_pg_dsn, cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+        out, _ = await p.communicate()
+        assert p.returncode == 0 and json.loads(out) == {"written": 3}
+        assert await eng.binding(views[0][0], views[0][1].patient_id) == ""  # left alone
+        for acct, v in views[1:]:
+            assert await eng.binding(acct, v.patient_id) == v.ref != ""
+        assert await eng.binding(gone_acct, gone.patient_id) is None
+        assert await rebuild_bindings(eng, db) == 0  # idempotent

@@ -524,3 +524,44 @@ async def test_has_answer_tells_a_retry_from_a_new_request(eng: Engine) -> None:
     assert await eng.has_answer("S1", "a1", "k1")
     assert not await eng.has_answer("S1", "a2", "k1")
     assert not await eng.has_answer("NOPE", "a1", "k1")
+
+
+# -- binding mirror (readBinding / writeBinding) -----------------------------------
+
+
+async def test_binding_mirror_every_outcome(eng: Engine) -> None:
+    assert await eng.binding("a1", "pid-1") is None  # unknown: ask the store
+    assert await eng.mirror_binding("a1", "pid-1", "ref1", fill=True)  # filled after a miss
+    assert await eng.binding("a1", "pid-1") == "ref1"
+    assert not await eng.mirror_binding("a1", "pid-1", "other", fill=True)  # fill never overwrites
+    assert await eng.binding("a1", "pid-1") == "ref1"
+    assert await eng.mirror_binding("a1", "pid-1", None)  # unbind: tombstone
+    assert await eng.binding("a1", "pid-1") == ""
+    assert not await eng.mirror_binding("a1", "pid-1", "ref1", fill=True)  # a late fill loses
+    assert await eng.binding("a1", "pid-1") == ""
+    assert await eng.mirror_binding("a1", "pid-1", "ref1")  # a rebind sets it again
+    assert await eng.binding("a1", "pid-1") == "ref1"
+    assert await eng.binding("a2", "pid-1") is None  # one mirror per account
+    with pytest.raises(ValueError, match="fill needs a ref"):
+        await eng.mirror_binding("a1", "pid-2", None, fill=True)
+
+
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [
+        ("readBinding", [""]),
+        ("writeBinding", ["", "ref", "set"]),
+        ("writeBinding", ["pid", "ref", "upsert"]),
+        ("writeBinding", ["pid", "", "fill"]),
+        ("writeBinding", ["pid", "a|b", "set"]),
+        ("writeBinding", ["pid"]),
+    ],
+)
+async def test_binding_scripts_reject_bad_arguments_without_writing(
+    eng: Engine, script: str, args: list[str]
+) -> None:
+    await eng.mirror_binding("a1", "pid", "ref1")
+    before = await dump(eng)
+    with pytest.raises(ScriptError):
+        await eng.runner.run(script, ["hy:pb:a1"], args)
+    assert await dump(eng) == before

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import structlog
 from litestar import Controller, Request, Response, delete, get, post
 
 from api.context import api_of
@@ -19,6 +20,7 @@ from api.schemas import PatientIn, PatientOut
 from engine.pii import InvalidNationalId, InvalidPhone
 from engine.store import queries as q
 
+log = structlog.get_logger("haoyuan.api")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
@@ -63,6 +65,12 @@ class PatientController(Controller):
         except ValueError:
             raise ProblemError.of("invalid-input", "patient name must be 1..64 characters",
                                   instance=path) from None
+        # The binding mirror (read by every hold); PostgreSQL stays the truth:
+        # if this write fails, holds fall back to the store and fill it.
+        try:
+            await api.engine.mirror_binding(account_of(request), view.patient_id, view.ref)
+        except Exception as exc:
+            log.warning("binding_mirror_write_failed", error=type(exc).__name__)
         return _out(view)
 
     @get("/", responses=errors(401), summary="The account's patients (masked)")
@@ -76,6 +84,11 @@ class PatientController(Controller):
     async def unbind(self, request: Request[Any, Any, Any], patient_id: str) -> Response[None]:
         api = api_of(request)
         account = account_of(request)
+        if await q.get_patient_ref(api.pool, account, patient_id) is None:
+            raise ProblemError.of("not-found", "no such patient", instance=request.url.path)
+        # Tombstone first: should the store update then fail, holds see the
+        # patient as unbound (less access, never more); a rebind clears it.
+        await api.engine.mirror_binding(account, patient_id, None)
         if not await q.unbind_patient(api.pool, account, patient_id):
             raise ProblemError.of("not-found", "no such patient", instance=request.url.path)
         api.patient_refs.forget(account, patient_id)

@@ -286,6 +286,9 @@ class PatientView(msgspec.Struct, frozen=True):
     masked_phone: str
     masked_id: str
     created_at: dt.datetime
+    #: The engine's patient ref (keyed hash of the ID): for the engine and its
+    #: binding mirror, never shown in an answer.
+    ref: str = ""
 
 
 class AccountPatientLimit(ValueError):
@@ -311,6 +314,7 @@ def _view(crypto: Crypto, r: Any) -> PatientView:
         masked_phone=mask_phone(dec("phone_enc")),
         masked_id=mask_id(dec("national_id_enc")),
         created_at=r["created_at"],
+        ref=r["id_hash"],
     )
 
 
@@ -344,7 +348,7 @@ async def bind_patient(
     def enc(column: str, value: str) -> bytes:
         return crypto.encrypt(value, table="patients", column=column, row_id=pid)
 
-    cols = "id, name_enc, phone_enc, national_id_enc, created_at"
+    cols = "id, name_enc, phone_enc, national_id_enc, created_at, id_hash"
     async with conn.transaction():
         locked = await conn.fetchval("SELECT id FROM accounts WHERE id = $1 FOR UPDATE", account_id)
         if locked is None:
@@ -381,7 +385,7 @@ async def bind_patient(
 async def list_patients(db: Queryable, crypto: Crypto, account_id: str) -> list[PatientView]:
     """The account's bound patients, oldest first, masked."""
     rows = await db.fetch(
-        "SELECT id, name_enc, phone_enc, national_id_enc, created_at FROM patients"
+        "SELECT id, name_enc, phone_enc, national_id_enc, created_at, id_hash FROM patients"
         " WHERE account_id = $1 AND unbound_at IS NULL ORDER BY created_at, id",
         account_id,
     )

@@ -1,0 +1,28 @@
+#!lua
+--[[
+  Write one entry of an account's binding mirror (see readBinding).
+
+  Input:
+    KEYS[1] binding mirror of the account  hy:pb:<account>  (hash)
+    ARGV[1] patient id (the API's binding id)
+    ARGV[2] the patient ref, or "" for a tombstone (the binding is gone)
+    ARGV[3] "set": always (bind, unbind); "fill": only if the mirror has no
+            entry for it yet (filled from PostgreSQL after a miss; never
+            overwrites a tombstone that an unbind wrote meanwhile)
+  Output: 1 written, 0 left as it was.
+]]
+local pid, ref, mode = ARGV[1], ARGV[2], ARGV[3]
+if not pid or pid == '' or ref == nil then
+  return redis.error_reply('ERR haoyuan: patient id and ref are required')
+end
+if string.find(ref, '|', 1, true) then
+  return redis.error_reply('ERR haoyuan: ref must not contain "|"')
+end
+if mode == 'set' then
+  redis.call('HSET', KEYS[1], pid, ref)
+  return 1
+elseif mode == 'fill' then
+  if ref == '' then return redis.error_reply('ERR haoyuan: fill needs a ref') end
+  return redis.call('HSETNX', KEYS[1], pid, ref)
+end
+return redis.error_reply('ERR haoyuan: mode must be set or fill')
