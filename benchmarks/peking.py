@@ -75,7 +75,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,6 +190,38 @@ def _timeline(buckets: dict[str, int], release_s: int) -> list[dict[str, int]]:
     return out
 
 
+def _audit_summary(audits: list[Any]) -> dict[str, Any]:
+    """The engine audits of a morning's sessions, summed."""
+    return {
+        "ok": all(a.ok for a in audits),
+        "capacity": sum(a.capacity for a in audits),
+        "free": sum(a.free for a in audits),
+        "held": sum(a.held for a in audits),
+        "booked": sum(a.booked for a in audits),
+        "breaches": [b for a in audits for b in a.breaches][:10],
+    }
+
+
+async def _poll_free(eng: Engine, free_keys: list[str], running: Callable[[], bool]
+                     ) -> tuple[list[tuple[float, int]], float | None]:
+    """Sum the free units every 20 ms while the crowd runs: a series (one
+    point per 250 ms) and the instant the last unit went."""
+    free_series: list[tuple[float, int]] = []
+    sold_out_at: float | None = None
+    while running():
+        pipe = eng.client.pipeline(transaction=False)
+        for key in free_keys:
+            pipe.zcard(key)
+        free = sum(int(x) for x in await pipe.execute())
+        now = time.time()
+        if not free_series or now - free_series[-1][0] >= 0.25:
+            free_series.append((now, free))
+        if free == 0 and sold_out_at is None:
+            sold_out_at = now
+        await asyncio.sleep(0.02)
+    return free_series, sold_out_at
+
+
 async def _morning_run(api_url: str, script: Path, rows: Path, eng: Engine, roots: dict[str, int],
                        *, date: str, tag: str, pre_s: float, run_s: float, connections: int
                        ) -> dict[str, Any]:
@@ -209,20 +241,10 @@ async def _morning_run(api_url: str, script: Path, rows: Path, eng: Engine, root
                                     str(p3)], threads=2, connections=connections,
                   duration_s=duration, timeout_s=10).start()
     sampler.add_root("wrk", w.pid)
-    free_series: list[tuple[float, int]] = []
-    sold_out_at: float | None = None
     deadline = w.launched_at + duration + 1
-    while time.time() < deadline and w.proc is not None and w.proc.returncode is None:
-        pipe = eng.client.pipeline(transaction=False)
-        for key in free_keys:
-            pipe.zcard(key)
-        free = sum(int(x) for x in await pipe.execute())
-        now = time.time()
-        if not free_series or now - free_series[-1][0] >= 0.25:
-            free_series.append((now, free))
-        if free == 0 and sold_out_at is None:
-            sold_out_at = now
-        await asyncio.sleep(0.02)
+    free_series, sold_out_at = await _poll_free(
+        eng, free_keys, lambda: time.time() < deadline and w.proc is not None
+        and w.proc.returncode is None)
     res = await w.result()
     cpu = await sampler.stop()
 
@@ -259,14 +281,7 @@ async def _morning_run(api_url: str, script: Path, rows: Path, eng: Engine, root
         "sold_out_after_release_ms": round(sold_out_at * 1000 - release_at_ms)
         if sold_out_at is not None else None,
         "last_success_after_release_ms": round(res["last_ok_ms"] - release_at_ms) if ok else None,
-        "audit": {
-            "ok": all(a.ok for a in audits),
-            "capacity": sum(a.capacity for a in audits),
-            "free": sum(a.free for a in audits),
-            "held": sum(a.held for a in audits),
-            "booked": sum(a.booked for a in audits),
-            "breaches": [b for a in audits for b in a.breaches][:10],
-        },
+        "audit": _audit_summary(audits),
         "correct": ok == UNITS and all(a.ok for a in audits)
         and sum(a.held + a.booked for a in audits) == UNITS
         and sum(a.free for a in audits) == 0,
@@ -674,19 +689,7 @@ async def _open_morning_run(exe: Path, port: int, tmp: Path, rows: Path, eng: En
         exe, port, req_file, schedule, start_s=-pre_s, end_s=run_s, t0_ms=release_at_ms,
         max_conns=max_conns, timeout_s=timeout_s, seed=seed,
         on_start=lambda pid: sampler.add_root("openloop", pid)))
-    free_series: list[tuple[float, int]] = []
-    sold_out_at: float | None = None
-    while not gen_task.done():
-        pipe = eng.client.pipeline(transaction=False)
-        for key in free_keys:
-            pipe.zcard(key)
-        free = sum(int(x) for x in await pipe.execute())
-        now = time.time()
-        if not free_series or now - free_series[-1][0] >= 0.25:
-            free_series.append((now, free))
-        if free == 0 and sold_out_at is None:
-            sold_out_at = now
-        await asyncio.sleep(0.02)
+    free_series, sold_out_at = await _poll_free(eng, free_keys, lambda: not gen_task.done())
     res = await gen_task
     cpu = await sampler.stop()
     sampler_stopped = time.time()
@@ -751,14 +754,7 @@ async def _open_morning_run(exe: Path, port: int, tmp: Path, rows: Path, eng: En
         if sold_out_at is not None else None,
         "first_success_after_release_ms": res["first_ok_ms"],
         "last_success_after_release_ms": res["last_ok_ms"],
-        "audit": {
-            "ok": all(a.ok for a in audits),
-            "capacity": sum(a.capacity for a in audits),
-            "free": sum(a.free for a in audits),
-            "held": sum(a.held for a in audits),
-            "booked": sum(a.booked for a in audits),
-            "breaches": [b for a in audits for b in a.breaches][:10],
-        },
+        "audit": _audit_summary(audits),
         # every unit sold exactly once (the engine's audit) ...
         "sold_exactly_once": all(a.ok for a in audits) and sold == UNITS
         and sum(a.free for a in audits) == 0,
