@@ -299,10 +299,11 @@ async def sample(stack: Stack, specs: list[SessionSpec], t0: float, stop: asynci
         free = 0
         for dept, date in depts:
             a = await stack.engine.dept_day_availability(dept, date)
+            seen = time.perf_counter() - t0  # sold out at the latest when the read came back
             for s in a.sessions:
                 free += s.free
                 if s.free == 0 and s.session_id not in sold_out:
-                    sold_out[s.session_id] = t
+                    sold_out[s.session_id] = seen
         try:
             lag = await outbox_lag(stack.engine.client)
             h = await his_lag(stack.pool)
@@ -374,6 +375,7 @@ async def run_demo(*, quick: bool = False, json_only: bool = False,
             say(f"API up at {api.url} (granian, 2 workers)")
         lead_s = hscale.lead_s if hscale else scale.release_in_s
         server_ms = await stack.engine.server_time_ms()
+        read_at = time.perf_counter()  # the release instant on this clock: read_at + lead_s
         release_ms = server_ms + int(lead_s * 1000)
         date = time.strftime("%Y-%m-%d", time.localtime(server_ms / 1000 + 7 * 86400))
         specs = demo_sessions(release_at_ms=release_ms, date=date,
@@ -384,7 +386,7 @@ async def run_demo(*, quick: bool = False, json_only: bool = False,
                               hold_ttl_ms=scale.hold_ttl_ms)
         await import_sessions(stack.engine, stack.pool, specs)
         t0 = time.perf_counter()
-        release_at = t0 + lead_s
+        release_at = read_at + lead_s
         stats = Stats(t0=t0)
         sampled: dict[str, Any] = {}
         stop_sampling = asyncio.Event()
