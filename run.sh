@@ -10,8 +10,8 @@ cd "$(dirname "$0")"
 need_os_packages() {
   local missing=()
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server redis-tools)
-  # wrk: the load generator of `haoyuan bench http|peers|peking`
-  command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+  # wrk: the load generator of `./run.sh bench http|peers|peking` (not of the tests)
+  if [ "${1:-}" = bench ]; then command -v wrk >/dev/null 2>&1 || missing+=(wrk); fi
   if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
     missing+=(postgresql)
   fi
@@ -40,7 +40,7 @@ need_venv() {
 
 cmd="${1:-demo}"
 shift || true
-need_os_packages
+need_os_packages "$cmd"
 need_venv
 case "$cmd" in
   demo)
