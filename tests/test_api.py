@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import httpx
 import msgspec
 import pytest
@@ -27,6 +28,7 @@ from engine import keys as K
 from engine.engine import Engine
 from engine.outcomes import Reason
 from engine.pii import mask_id
+from engine.store import queries as q
 from engine.writer import OutboxWriter
 from tests.apikit import (
     ADMIN,
@@ -274,6 +276,50 @@ async def test_binding_mirror_serves_holds_and_unbind_tombstones(
         # Binding the same person again is a new binding with its own id.
         again = await bind(client, headers, n)
         assert again != pid and await eng.binding(acct, again) == ref
+
+
+async def test_unbind_wins_over_concurrent_fills_of_the_binding_mirror(
+    client: Client, app: Litestar, redis_url: str, db: str
+) -> None:
+    """Many holds that read the store before the unbind and fill the mirror
+    after it race with the unbind: none of them brings the binding back."""
+    a = api(app)
+    sid = await session(client)
+    headers, pid = await account(client)
+    acct = a.tokens.verify(headers["Authorization"][7:])
+    assert acct is not None
+    pool = await asyncpg.create_pool(db, min_size=4, max_size=8)
+    stop = asyncio.Event()
+    fills = 0
+    try:
+        async with Engine.connect(redis_url) as eng:
+            await eng.client.delete(K.binding_mirror(acct))  # every racer misses
+
+            async def racer() -> None:
+                nonlocal fills
+                while not stop.is_set():
+                    ref = await q.get_patient_ref(pool, acct, pid)
+                    await asyncio.sleep(0.001)  # the unbind may land in between
+                    if ref is not None:
+                        await eng.mirror_binding(acct, pid, ref, fill=True)
+                        fills += 1
+                    await asyncio.sleep(0)
+
+            racers = [asyncio.create_task(racer()) for _ in range(32)]
+            await asyncio.sleep(0.2)
+            r = await client.delete(f"/v1/patients/{pid}", headers=headers)
+            assert r.status_code == 204
+            await asyncio.sleep(0.3)  # racers that read the store before the unbind fill now
+            stop.set()
+            await asyncio.gather(*racers)
+            assert fills > 0
+            assert await eng.binding(acct, pid) == ""
+        for i in range(3):
+            a.patient_refs.forget(acct, pid)
+            is_problem(await hold(client, headers, sid, pid, key=f"after-{i}"), 404, "not-found")
+    finally:
+        stop.set()
+        await pool.close()
 
 
 @pytest.mark.parametrize(
