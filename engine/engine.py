@@ -126,8 +126,10 @@ class SessionRef:
 
 
 def _rnd() -> str:
-    """A random number in [0, 1) for the anti-scalper delay of returned units."""
-    return f"{random.random():.6f}"
+    """A random number in [0, 1) for the anti-scalper delay of returned units.
+    Truncated, not rounded, to six decimals: ``f"{0.9999996:.6f}"`` is
+    "1.000000", which the scripts rightly refuse (once in ~2 million calls)."""
+    return f"{int(random.random() * 1_000_000) / 1_000_000:.6f}"
 
 
 def _gcra(rate_per_s: float) -> int:

@@ -565,3 +565,23 @@ async def test_binding_scripts_reject_bad_arguments_without_writing(
     with pytest.raises(ScriptError):
         await eng.runner.run(script, ["hy:pb:a1"], args)
     assert await dump(eng) == before
+
+
+@pytest.mark.parametrize("draw", [0.0, 0.4999995, 0.9999996, 0.99999999999])
+async def test_random_argument_never_rounds_up_to_one(
+    eng: Engine, monkeypatch: pytest.MonkeyPatch, draw: float
+) -> None:
+    """The anti-scalper draw goes to the scripts as [0, 1) with six decimals:
+    a draw that would round to "1.000000" must still be accepted."""
+    import engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module.random, "random", lambda: draw)
+    await eng.load_session(make_spec(caps=(2,)))
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held)
+    assert isinstance(await eng.release(h.hold_id, account="a1"), Released)
+    h = await eng.hold("S1", "0800", patient="p2", account="a2")
+    assert isinstance(h, Held)
+    assert isinstance(await eng.confirm(h.hold_id, "pay"), Booked)
+    assert isinstance(await eng.cancel(h.hold_id), Cancelled)
+    assert (await eng.audit("S1")).ok
