@@ -115,17 +115,16 @@ if prior and is_active(k.recs, prior, now) then
   return remember({o = DUPLICATE, now = now, existing = prior})
 end
 
--- 6. The lowest free unit of the slot in the channel's pools (all pools once
---    the pools have returned to the public).
+-- 6. The lowest free queue number of the slot in the channel's pools (all
+--    pools once the pools have returned to the public). Scores order by pool
+--    first, so each pool is asked for its lowest and the lowest number wins.
 local lo = tonumber(x[2]) * SLOT_BASE
 local ranges = {}
-if cfg.pool_return_ms > 0 and now >= cfg.pool_return_ms then
-  ranges[1] = {lo, lo + SLOT_BASE - 1}
-else
-  for p in string.gmatch(ARGV[5], '%d') do
-    local plo = lo + tonumber(p) * POOL_BASE
-    ranges[#ranges + 1] = {plo, plo + POOL_BASE - 1}
-  end
+local pools = ARGV[5]
+if cfg.pool_return_ms > 0 and now >= cfg.pool_return_ms then pools = '0,1,2,3' end
+for p in string.gmatch(pools, '%d') do
+  local plo = lo + tonumber(p) * POOL_BASE
+  ranges[#ranges + 1] = {plo, plo + POOL_BASE - 1}
 end
 local unit, score = nil, nil
 for _, r in ipairs(ranges) do

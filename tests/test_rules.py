@@ -194,6 +194,21 @@ async def test_unsold_pool_units_return_to_the_public(eng: Engine) -> None:
     assert audit.ok and audit.held == 10 and audit.free == 0
 
 
+async def test_returned_pools_hand_out_the_lowest_queue_number_first(eng: Engine) -> None:
+    """Once the pools are public, the next hold gets the lowest free queue
+    number of the slot, whichever pool it came from (found by the stateful
+    test: a unit added later to the public pool went out before a returned
+    referral unit with a lower number)."""
+    await eng.load_session(pooled(pool_return_ms=now_ms() + 10_000))
+    for i in range(5):
+        assert isinstance(await eng.hold("S1", "0800", patient=f"a{i}", account=f"a{i}"), Held)
+    assert (await eng.set_capacity("S1", "0800", 12)).capacity == 12  # public units 11, 12
+    eng.config.clock_offset_ms = 11_000
+    got = [await eng.hold("S1", "0800", patient=f"b{i}", account=f"b{i}") for i in range(8)]
+    assert [h.unit for h in got if isinstance(h, Held)] == [6, 7, 8, 9, 10, 11, 12]
+    assert isinstance(got[7], Refused) and got[7].reason is Reason.SOLD_OUT
+
+
 @pytest.mark.timeout(120)
 async def test_pool_return_under_concurrency_never_oversells(
     fresh_redis: Any, redis_url: str
