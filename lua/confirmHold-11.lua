@@ -3,7 +3,8 @@
   Confirm a hold after payment: the hold becomes a booking (预约) and a
   "booked" event enters the partition's outbox in the same atomic step.
   A payment that arrives after the hold expired books the same unit if it is
-  still free, else another free unit of the slot, else answers "expired,
+  still free, else another free unit of the slot (of the hold's pool; of any
+  pool once the pools have returned to the public), else answers "expired,
   refund due" with a refund event. Never a unit twice. Idempotent by hold id.
 
   Input:
@@ -95,11 +96,21 @@ if rcall('ZSCORE', k.free, tostring(rec.unit)) then
   rcall('ZREM', k.free, tostring(rec.unit))
   return book(rec, 1)
 end
+-- Another unit of the slot: from the hold's own pool, or from any pool once
+-- the pools have returned to the public; the lowest queue number wins.
 local idx = tonumber(rcall('HGET', k.meta, 'i:' .. rec.slot))
-local lo = idx * SLOT_BASE + pool_of(rec.sc) * POOL_BASE
-local got = rcall('ZRANGEBYSCORE', k.free, lo, lo + POOL_BASE - 1, 'WITHSCORES', 'LIMIT', 0, 1)
-if #got == 0 then return refund(rec, 'expired') end
-rcall('ZREM', k.free, got[1])
-rec.unit = tonumber(got[1])
-rec.sc = tonumber(got[2])
+local pools = {pool_of(rec.sc)}
+if cfg.pool_return_ms > 0 and now >= cfg.pool_return_ms then pools = {0, 1, 2, 3} end
+local best, best_sc = nil, nil
+for _, p in ipairs(pools) do
+  local lo = idx * SLOT_BASE + p * POOL_BASE
+  local got = rcall('ZRANGEBYSCORE', k.free, lo, lo + POOL_BASE - 1, 'WITHSCORES', 'LIMIT', 0, 1)
+  if #got > 0 and (best == nil or tonumber(got[1]) < tonumber(best)) then
+    best, best_sc = got[1], tonumber(got[2])
+  end
+end
+if best == nil then return refund(rec, 'expired') end
+rcall('ZREM', k.free, best)
+rec.unit = tonumber(best)
+rec.sc = best_sc
 return book(rec, 1)

@@ -337,3 +337,19 @@ async def test_banned_patient_cannot_join_a_waitlist(fresh_redis: Any, redis_url
         assert isinstance(r, Refused) and r.reason is Reason.BANNED
         await eng.ban("p2", 0)
         assert isinstance(await eng.join_waitlist("S1", patient="p2", account="a2"), Waitlisted)
+
+
+async def test_late_payment_after_pool_return_takes_any_pool(eng: Engine) -> None:
+    """A payment after its hold expired books another unit of the slot: once
+    the pools are public, a returned pool unit too (lowest queue number)."""
+    await eng.load_session(pooled(pool_return_ms=now_ms() + 10_000, hold_ttl_ms=5_000))
+    held = [await eng.hold("S1", "0800", patient=f"a{i}", account=f"a{i}") for i in range(5)]
+    assert all(isinstance(h, Held) for h in held)
+    late = held[0]
+    assert isinstance(late, Held)
+    eng.config.clock_offset_ms = 11_000  # the holds expired, the pools returned
+    for i in range(5):  # the public units go again, the late patient's unit too
+        assert isinstance(await eng.hold("S1", "0800", patient=f"b{i}", account=f"b{i}"), Held)
+    b = await eng.confirm(late.hold_id, "pay-late")
+    assert isinstance(b, Booked) and b.late and b.unit == 6  # the lowest returned pool unit
+    assert (await eng.audit("S1")).ok

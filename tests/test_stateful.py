@@ -279,11 +279,11 @@ class EngineMachine(RuleBasedStateMachine):
                 assert isinstance(r, Refused) and r.reason is Reason.EXPIRED, r
                 return
             pool = m.pool_of[rec.unit]
-            same_pool = [u for u, p in m.free[rec.slot].items() if p == pool]
+            others = [u for u, p in m.free[rec.slot].items() if m.all_pools or p == pool]
             if rec.unit in m.free[rec.slot]:
                 unit = rec.unit
-            elif same_pool:
-                unit = min(same_pool)
+            elif others:
+                unit = min(others)
             else:
                 rec.st = "r"
                 assert isinstance(r, Refused) and r.reason is Reason.EXPIRED, r
