@@ -3,13 +3,19 @@
   Put a booking that PostgreSQL holds back into Redis (rebuild after Redis
   lost data, or compensation after a write conflict): the same unit, never
   another. No outbox event: the booking is already recorded.
+  Redis may have lost only the tail of the story (a crash of AOF everysec, a
+  failover to a lagging replica): the unit may still be held by this very
+  hold (its confirmation lost), which then becomes the booking; or held by
+  another hold that PostgreSQL never saw paid, which PostgreSQL outranks: that
+  hold ends (state x, reason "displaced") and the unit goes to the booking.
+  A unit booked by another booking is a conflict: INVALID_STATE.
 
   Input:
     KEYS[1..11] the session key bundle (includes/common.lua)
     ARGV[1] booking JSON {id, sid, slot, unit, pat, acct, fee, pay, bt}
     ARGV[2] time offset ms (tests only)
   Output: JSON {o = OK, restored = 0|1} | {o = INVALID_STATE, holder}
-          (the unit is in use by another record) | {o = NOT_FOUND, what}
+          (the unit is booked by another record) | {o = NOT_FOUND, what}
 ]]
 -- @include common
 
@@ -24,16 +30,39 @@ local idx = tonumber(rcall('HGET', k.meta, 'i:' .. b.slot))
 if idx == nil then return reply({o = NOT_FOUND, now = now, what = 'slot'}) end
 local unit = tostring(b.unit)
 local holder = rcall('HGET', k.units, unit)
-if holder == b.id then return reply({o = OK, now = now, restored = 0}) end
-if holder then return reply({o = INVALID_STATE, now = now, holder = holder}) end
-local score = rcall('ZSCORE', k.free, unit)
-if not score or math.floor(tonumber(score) / SLOT_BASE) ~= idx then
-  return reply({o = NOT_FOUND, now = now, what = 'unit'})
+local score = nil
+if holder then
+  local cur = get_rec(k.recs, holder)
+  if holder == b.id and cur and cur.st == 'b' then
+    return reply({o = OK, now = now, restored = 0})
+  end
+  if holder ~= b.id and not (cur and cur.st == 'h') then
+    return reply({o = INVALID_STATE, now = now, holder = holder})
+  end
+  if cur == nil or math.floor(tonumber(cur.sc) / SLOT_BASE) ~= idx then
+    return reply({o = NOT_FOUND, now = now, what = 'unit'})
+  end
+  score = tonumber(cur.sc)
+  rcall('ZREM', k.dl, holder)
+  rcall('ZREM', k.pdl, holder)
+  if holder ~= b.id then
+    cur.st = 'x'
+    cur.ended = now
+    cur.rsn = 'displaced'
+    put_rec(k.recs, cur)
+    drop_rule(k.rule, cur)
+  end
+else
+  score = rcall('ZSCORE', k.free, unit)
+  if not score or math.floor(tonumber(score) / SLOT_BASE) ~= idx then
+    return reply({o = NOT_FOUND, now = now, what = 'unit'})
+  end
+  score = tonumber(score)
+  rcall('ZREM', k.free, unit)
 end
-rcall('ZREM', k.free, unit)
 rcall('HSET', k.units, unit, b.id)
 rcall('HSET', k.rule, b.pat, b.id)
-put_rec(k.recs, {id = b.id, sid = b.sid, slot = b.slot, unit = b.unit, sc = tonumber(score),
+put_rec(k.recs, {id = b.id, sid = b.sid, slot = b.slot, unit = b.unit, sc = score,
                  pat = b.pat, acct = b.acct, st = 'b', dl = 0, at = b.bt or now,
                  bt = b.bt or now, fee = b.fee or 0, pay = b.pay or '', restored = 1})
 -- Keep new ids above every id PostgreSQL has seen.

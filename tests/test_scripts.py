@@ -585,3 +585,45 @@ async def test_random_argument_never_rounds_up_to_one(
     assert isinstance(await eng.confirm(h.hold_id, "pay"), Booked)
     assert isinstance(await eng.cancel(h.hold_id), Cancelled)
     assert (await eng.audit("S1")).ok
+
+
+# -- restoreBooking ------------------------------------------------------------------
+
+
+async def _restore(eng: Engine, bid: str, unit: int, pat: str = "pX") -> Any:
+    return await eng.restore_booking(booking_id=bid, session_id="S1", slot_id="0800", unit=unit,
+                                     patient=pat, account="aX", fee=5000, payment_ref="pay")
+
+
+async def test_restore_booking_every_outcome(eng: Engine) -> None:
+    await eng.load_session(make_spec(caps=(4,)))
+    ref = await eng.ref("S1")
+    assert ref is not None
+    part = ref.partition
+    # A free unit: restored, and new ids stay above the restored one.
+    big = f"{part}.S1.{now_ms() * 1000 + 10**9}"
+    assert await _restore(eng, big, 4) is True
+    assert await _restore(eng, big, 4) is False  # already there
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held) and int(h.hold_id.rsplit(".", 1)[1]) > int(big.rsplit(".", 1)[1])
+    # The unit still held by this very hold (its confirmation lost): booked now.
+    assert await _restore(eng, h.hold_id, h.unit, pat="p1") is True
+    rec = await eng.record(h.hold_id)
+    assert rec is not None and rec["st"] == "b"
+    assert await eng.client.zscore(ref.keys.deadlines, h.hold_id) is None  # no expiry now
+    # Another hold on the unit, never paid as far as PostgreSQL knows: displaced.
+    other = await eng.hold("S1", "0800", patient="p2", account="a2")
+    assert isinstance(other, Held)
+    winner = f"{part}.S1.{now_ms() * 1000 + 2 * 10**9}"
+    assert await _restore(eng, winner, other.unit, pat="p3") is True
+    gone = await eng.record(other.hold_id)
+    assert gone is not None and gone["st"] == "x" and gone["rsn"] == "displaced"
+    late = await eng.confirm(other.hold_id, "pay-late")  # its payment finds another unit
+    assert isinstance(late, Booked) and late.late and late.unit != other.unit
+    # A unit booked by another booking: a conflict, nothing changes.
+    before = await dump(eng)
+    r = await _restore(eng, f"{part}.S1.{now_ms() * 1000 + 3 * 10**9}", late.unit)
+    assert isinstance(r, Refused) and r.reason is Reason.INVALID_STATE
+    assert await dump(eng) == before
+    audit = await eng.audit("S1")
+    assert audit.ok and audit.booked == 4, audit.breaches
