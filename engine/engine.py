@@ -554,6 +554,13 @@ class Engine:
             return refused_from(d)
         return bool(d["restored"])
 
+    async def raise_sequence(self, record_id: str) -> bool:
+        """Keep new ids of the record's partition above ``record_id`` (a hold
+        or booking id PostgreSQL holds, whatever its state). True if raised."""
+        p = K.partition_of_record(record_id)
+        seq = record_id.rsplit(".", 1)[1]
+        return bool(await self.runner.run("raiseSequence", [K.PartitionKeys(p).seq], [seq]))
+
     async def record(self, record_id: str) -> dict[str, Any] | None:
         """The stored hold/booking record (state and owner), or None."""
         try:

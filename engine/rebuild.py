@@ -71,6 +71,13 @@ async def rebuild_session(engine: Engine, pool: Any, session_id: str) -> Rebuild
             restored += 1
         else:
             already += 1
+    # Ids of bookings that are not restored (cancelled, refunded) must not be
+    # issued again either: the sequence goes above the highest one.
+    async with pool.acquire() as conn:
+        ids = [r["id"] for r in await conn.fetch(
+            "SELECT id FROM bookings WHERE session_id = $1", session_id)]
+    if ids:
+        await engine.raise_sequence(max(ids, key=lambda i: int(i.rsplit(".", 1)[1])))
     if status == "suspended":
         await engine.suspend(session_id, "suspended")
     return RebuildReport(session_id, restored, already, failed)

@@ -627,3 +627,20 @@ async def test_restore_booking_every_outcome(eng: Engine) -> None:
     assert await dump(eng) == before
     audit = await eng.audit("S1")
     assert audit.ok and audit.booked == 4, audit.breaches
+
+
+async def test_raise_sequence_every_outcome(eng: Engine) -> None:
+    await eng.load_session(make_spec(caps=(2,)))
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held)
+    part, _, seq = h.hold_id.split(".")
+    assert not await eng.raise_sequence(f"{part}.S1.{int(seq) - 1}")  # already above
+    assert await eng.raise_sequence(f"{part}.S1.{int(seq) + 1000}")
+    h2 = await eng.hold("S1", "0800", patient="p2", account="a2")
+    assert isinstance(h2, Held) and int(h2.hold_id.split(".")[2]) == int(seq) + 1001
+    key = PartitionKeys(int(part)).seq
+    before = await dump(eng)
+    for bad in ("", "-1", "1.5", "12a", "9" * 19):
+        with pytest.raises(ScriptError):
+            await eng.runner.run("raiseSequence", [key], [bad])
+    assert await dump(eng) == before
