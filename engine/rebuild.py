@@ -57,6 +57,8 @@ async def rebuild_session(engine: Engine, pool: Any, session_id: str) -> Rebuild
             " booked_at FROM bookings WHERE session_id = $1 AND status = 'booked'"
             " ORDER BY unit", session_id)
         status = await conn.fetchval("SELECT status FROM sessions WHERE id = $1", session_id)
+        every_id = [r["id"] for r in await conn.fetch(
+            "SELECT id FROM bookings WHERE session_id = $1", session_id)]
     await engine.load_session(spec)
     restored = already = 0
     failed: list[str] = []
@@ -73,11 +75,8 @@ async def rebuild_session(engine: Engine, pool: Any, session_id: str) -> Rebuild
             already += 1
     # Ids of bookings that are not restored (cancelled, refunded) must not be
     # issued again either: the sequence goes above the highest one.
-    async with pool.acquire() as conn:
-        ids = [r["id"] for r in await conn.fetch(
-            "SELECT id FROM bookings WHERE session_id = $1", session_id)]
-    if ids:
-        await engine.raise_sequence(max(ids, key=lambda i: int(i.rsplit(".", 1)[1])))
+    if every_id:
+        await engine.raise_sequence(max(every_id, key=lambda i: int(i.rsplit(".", 1)[1])))
     if status == "suspended":
         await engine.suspend(session_id, "suspended")
     return RebuildReport(session_id, restored, already, failed)

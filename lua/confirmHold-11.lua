@@ -99,16 +99,8 @@ end
 -- Another unit of the slot: from the hold's own pool, or from any pool once
 -- the pools have returned to the public; the lowest queue number wins.
 local idx = tonumber(rcall('HGET', k.meta, 'i:' .. rec.slot))
-local pools = {pool_of(rec.sc)}
-if cfg.pool_return_ms > 0 and now >= cfg.pool_return_ms then pools = {0, 1, 2, 3} end
-local best, best_sc = nil, nil
-for _, p in ipairs(pools) do
-  local lo = idx * SLOT_BASE + p * POOL_BASE
-  local got = rcall('ZRANGEBYSCORE', k.free, lo, lo + POOL_BASE - 1, 'WITHSCORES', 'LIMIT', 0, 1)
-  if #got > 0 and (best == nil or tonumber(got[1]) < tonumber(best)) then
-    best, best_sc = got[1], tonumber(got[2])
-  end
-end
+local pools = pools_returned(cfg, now) and ALL_POOLS or {pool_of(rec.sc)}
+local best, best_sc = lowest_free(k.free, idx, pools)
 if best == nil then return refund(rec, 'expired') end
 rcall('ZREM', k.free, best)
 rec.unit = tonumber(best)

@@ -116,23 +116,13 @@ if prior and is_active(k.recs, prior, now) then
 end
 
 -- 6. The lowest free queue number of the slot in the channel's pools (all
---    pools once the pools have returned to the public). Scores order by pool
---    first, so each pool is asked for its lowest and the lowest number wins.
-local lo = tonumber(x[2]) * SLOT_BASE
-local ranges = {}
-local pools = ARGV[5]
-if cfg.pool_return_ms > 0 and now >= cfg.pool_return_ms then pools = '0,1,2,3' end
-for p in string.gmatch(pools, '%d') do
-  local plo = lo + tonumber(p) * POOL_BASE
-  ranges[#ranges + 1] = {plo, plo + POOL_BASE - 1}
+--    pools once the pools have returned to the public).
+local pools = ALL_POOLS
+if not pools_returned(cfg, now) then
+  pools = {}
+  for p in string.gmatch(ARGV[5], '%d') do pools[#pools + 1] = tonumber(p) end
 end
-local unit, score = nil, nil
-for _, r in ipairs(ranges) do
-  local got = rcall('ZRANGEBYSCORE', k.free, r[1], r[2], 'WITHSCORES', 'LIMIT', 0, 1)
-  if #got > 0 and (unit == nil or tonumber(got[1]) < tonumber(unit)) then
-    unit, score = got[1], tonumber(got[2])
-  end
-end
+local unit, score = lowest_free(k.free, tonumber(x[2]), pools)
 if unit == nil then return remember({o = SOLD_OUT, now = now}) end
 
 rcall('ZREM', k.free, unit)

@@ -514,12 +514,8 @@ class SimulatorProcess:
         host: str = "127.0.0.1",
         port: int | None = None,
         startup_timeout: float = 20.0,
-        log_path: Path | None = None,
     ) -> None:
         self.config = config or SimConfig()
-        # The child's output goes to a log file or to our stderr, never to our
-        # stdout: commands such as ``haoyuan demo --json`` own their stdout.
-        self.log_path = log_path
         self.host = host
         self.port = port
         self.startup_timeout = startup_timeout
@@ -557,13 +553,9 @@ class SimulatorProcess:
             "--config",
             msgspec.json.encode(self.config).decode(),
         ]
-        if self.log_path is not None:
-            with self.log_path.open("ab") as log:
-                self._proc = subprocess.Popen(cmd, env=env, cwd=root, start_new_session=True,
-                                              stdout=log, stderr=subprocess.STDOUT)
-        else:
-            self._proc = subprocess.Popen(cmd, env=env, cwd=root, start_new_session=True,
-                                          stdout=2)
+        # The child's output goes to our stderr, never to our stdout: commands
+        # such as ``haoyuan demo --json`` own their stdout.
+        self._proc = subprocess.Popen(cmd, env=env, cwd=root, start_new_session=True, stdout=2)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -50,6 +50,29 @@ local function pool_of(score)
   return math.floor((score % SLOT_BASE) / POOL_BASE)
 end
 
+-- Whether the session's channel pools have returned to the public pool.
+local function pools_returned(cfg, now)
+  return cfg.pool_return_ms > 0 and now >= cfg.pool_return_ms
+end
+
+local ALL_POOLS = {0, 1, 2, 3}
+
+-- The lowest free queue number of slot `idx` among `pools` (pool indices).
+-- Scores order by pool first, so each pool gives its lowest and the lowest
+-- number wins. Returns the unit (a string) and its score, or nil.
+local function lowest_free(free_key, idx, pools)
+  local unit, score = nil, nil
+  for _, p in ipairs(pools) do
+    local lo = idx * SLOT_BASE + p * POOL_BASE
+    local got = rcall('ZRANGEBYSCORE', free_key, lo, lo + POOL_BASE - 1,
+                      'WITHSCORES', 'LIMIT', 0, 1)
+    if #got > 0 and (unit == nil or tonumber(got[1]) < tonumber(unit)) then
+      unit, score = got[1], tonumber(got[2])
+    end
+  end
+  return unit, score
+end
+
 -- The session key bundle: every mutating session script takes these eleven
 -- KEYS first, in this order (engine.keys.SessionKeys.bundle builds them).
 --   1 meta  hy:{p}:s:<sid>      session hash
@@ -182,7 +205,7 @@ local function give_back(k, cfg, rec, now, rnd)
   if rcall('HGET', k.units, unit) ~= rec.id then return 'gone' end
   rcall('HDEL', k.units, unit)
   local pool = pool_of(rec.sc)
-  local public = pool == 0 or (cfg.pool_return_ms > 0 and now >= cfg.pool_return_ms)
+  local public = pool == 0 or pools_returned(cfg, now)
   if public and offer(k, cfg, now, unit, rec.sc, rec.slot, rec.sid) then return 'offered' end
   if cfg.rerelease_ms > 0 and rnd ~= nil then
     local at = now + math.floor(rnd * cfg.rerelease_ms)
@@ -201,7 +224,7 @@ local function requeue(k, cfg, now, limit)
     rcall('ZREM', k.quar, m)
     local unit, slot, sc = string.match(m, '^(%d+):([^:]+):(%d+)$')
     sc = tonumber(sc)
-    local public = pool_of(sc) == 0 or (cfg.pool_return_ms > 0 and now >= cfg.pool_return_ms)
+    local public = pool_of(sc) == 0 or pools_returned(cfg, now)
     local sid = string.match(k.meta, ':s:(.+)$')
     if not (public and offer(k, cfg, now, unit, sc, slot, sid)) then
       rcall('ZADD', k.free, sc, unit)
