@@ -485,6 +485,31 @@ class CpuSampler:
             "machine_steal_pct": round(100.0 * steal / total, 1),
         }
 
+    def window(self, started: float, stopped: float, a: float, b: float) -> dict[str, Any]:
+        """Mean CPU per group (percent of one core) and the machine's busy share
+        over the samples that ended in [a, b] (wall-clock seconds); the samples
+        are taken as evenly spaced between ``started`` and ``stopped``, and
+        every group's series ends at the last sample (groups added late start later)."""
+        series = self._series
+        machine = self._machine
+        n = len(machine)
+        if n == 0:
+            return {"samples": 0, "mean": {}, "machine_busy_pct": 0.0}
+        step = (stopped - started) / n
+        idx = [i for i in range(n) if a <= started + (i + 1) * step <= b]
+        if not idx:
+            return {"samples": 0, "mean": {}, "machine_busy_pct": 0.0}
+        mean: dict[str, float] = {}
+        for g, vals in series.items():
+            off = n - len(vals)
+            got = [vals[i - off] for i in idx if i - off >= 0]
+            mean[g] = round(sum(got) / len(idx), 1)
+        busy = sum(machine[i][0] for i in idx)
+        total = sum(machine[i][2] for i in idx) or 1
+        return {"samples": len(idx), "window_s": [round(a, 2), round(b, 2)],
+                "mean": dict(sorted(mean.items(), key=lambda kv: -kv[1])),
+                "machine_busy_pct": round(100.0 * busy / total, 1)}
+
 
 # --------------------------------------------------------------------------- end to end
 async def confirm_and_persist(eng: Any, pool: asyncpg.Pool, sids: list[str]) -> dict[str, Any]:

@@ -483,6 +483,8 @@ OPEN_SCHEDULE_QUICK: list[tuple[float, float]] = [
     (-2.0, 3000.0), (-0.5, 3000.0), (0.0, 8000.0), (2.0, 8000.0), (5.0, 3000.0),
     (12.0, 2500.0)]
 OPEN_SOURCE = Path(__file__).with_name("openloop.c")
+#: Where the compiled generator is cached, first usable wins.
+_BUILD_DIRS = (Path.home() / ".cache" / "haoyuan", Path(tempfile.gettempdir()) / "haoyuan")
 PLACEHOLDER = "@" * 12
 
 
@@ -506,7 +508,7 @@ def build_openloop() -> Path:
     gcc = shutil.which("gcc") or shutil.which("cc")
     src = OPEN_SOURCE.read_bytes()
     digest = hashlib.sha256(src).hexdigest()[:16]
-    for base in (Path.home() / ".cache" / "haoyuan", Path(tempfile.gettempdir()) / "haoyuan"):
+    for base in _BUILD_DIRS:
         exe = base / f"openloop-{digest}"
         if exe.is_file() and os.access(exe, os.X_OK):
             return exe
@@ -514,7 +516,7 @@ def build_openloop() -> Path:
         raise RuntimeError("the open-loop generator needs a C compiler: gcc not found on PATH "
                            "(apt-get install gcc)")
     last = ""
-    for base in (Path.home() / ".cache" / "haoyuan", Path(tempfile.gettempdir()) / "haoyuan"):
+    for base in _BUILD_DIRS:
         try:
             base.mkdir(parents=True, exist_ok=True)
         except OSError:
@@ -607,33 +609,6 @@ def write_templates(path: Path, rows: Path, specs: list[SessionSpec], *, date: s
     return kinds
 
 
-def window_cpu(sampler: CpuSampler, started: float, stopped: float, a: float, b: float
-               ) -> dict[str, Any]:
-    """Mean CPU per group (percent of one core) and the machine's busy share
-    over the samples that ended in [a, b] (wall-clock seconds); the samples
-    are taken as evenly spaced between ``started`` and ``stopped``, and
-    every group's series ends at the last sample (groups added late start later)."""
-    series = sampler._series
-    machine = sampler._machine
-    n = len(machine)
-    if n == 0:
-        return {"samples": 0, "mean": {}, "machine_busy_pct": 0.0}
-    step = (stopped - started) / n
-    idx = [i for i in range(n) if a <= started + (i + 1) * step <= b]
-    if not idx:
-        return {"samples": 0, "mean": {}, "machine_busy_pct": 0.0}
-    mean: dict[str, float] = {}
-    for g, vals in series.items():
-        off = n - len(vals)
-        got = [vals[i - off] for i in idx if i - off >= 0]
-        mean[g] = round(sum(got) / len(idx), 1)
-    busy = sum(machine[i][0] for i in idx)
-    total = sum(machine[i][2] for i in idx) or 1
-    return {"samples": len(idx), "window_s": [round(a, 2), round(b, 2)],
-            "mean": dict(sorted(mean.items(), key=lambda kv: -kv[1])),
-            "machine_busy_pct": round(100.0 * busy / total, 1)}
-
-
 def bottleneck(cpu: dict[str, Any], gen: dict[str, Any], where: str = "") -> str:
     """One line: where the CPU went (``where``: over which window), from the
     measured shares, and what the generator saw."""
@@ -695,10 +670,10 @@ async def _open_morning_run(exe: Path, port: int, tmp: Path, rows: Path, eng: En
     sampler_stopped = time.time()
     # the spike: from the end of the refresh storm to the end of the decay
     spike = (schedule[1][0], schedule[4][0]) if len(schedule) >= 5 else (0.0, run_s)
-    spike_cpu = window_cpu(sampler, sampler_started, sampler_stopped,
-                           release_at_ms / 1000 + spike[0], release_at_ms / 1000 + spike[1])
-    tail_cpu = window_cpu(sampler, sampler_started, sampler_stopped,
-                          release_at_ms / 1000 + spike[1] + 2, release_at_ms / 1000 + run_s)
+    spike_cpu = sampler.window(sampler_started, sampler_stopped,
+                               release_at_ms / 1000 + spike[0], release_at_ms / 1000 + spike[1])
+    tail_cpu = sampler.window(sampler_started, sampler_stopped,
+                              release_at_ms / 1000 + spike[1] + 2, release_at_ms / 1000 + run_s)
 
     rows_ = res["rows"]
     answers: dict[str, int] = dict(sorted(res["answers"].items(), key=lambda kv: -kv[1]))
