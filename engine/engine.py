@@ -408,11 +408,15 @@ class Engine:
         ref = got[1]
         return bool(got[0]), (ref.decode() if isinstance(ref, bytes) else ref)
 
-    async def revoke_tokens(self, account: str, token_id: str | None, until_s: int) -> None:
+    async def revoke_tokens(self, account: str, token_id: str | None, until_s: int, *,
+                            restore: bool = False) -> int:
         """Revoke one token (its id and expiry) or, with ``token_id=None``,
-        every token of the account expiring at or before ``until_s``."""
-        await self.runner.run("revokeTokens", [K.binding_mirror(account)],
-                              [token_id or "", int(until_s)])
+        every token of the account expiring at or before ``until_s`` (or one
+        second past the previous bound, if that is later; ``restore``: the
+        larger of the two). The bound written."""
+        got = await self.runner.run("revokeTokens", [K.binding_mirror(account)],
+                                    [token_id or "", int(until_s), "restore" if restore else ""])
+        return int(got)
 
     async def tokens_revoked_until(self, account: str) -> int:
         """The bound of the account's "every token" revocation (unix s; 0: none)."""

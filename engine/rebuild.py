@@ -122,5 +122,5 @@ async def rebuild_bindings(engine: Engine, pool: Any, *, chunk: int = 2000) -> i
                 written += await flush()
         written += await flush()
     for rv in await live_revocations(pool):
-        await engine.revoke_tokens(rv.account_id, rv.token_id, rv.until_s)
+        await engine.revoke_tokens(rv.account_id, rv.token_id, rv.until_s, restore=True)
     return written

@@ -27,9 +27,9 @@ from engine.store.bindings import Revocation, record_revocation
 
 async def revoke_all(api: Api, account: str, revoked_by: str) -> int:
     """Revoke every token of the account minted so far; the bound (unix s)."""
-    until = int(time.time()) + api.settings.token_ttl_s
+    until = await api.engine.revoke_tokens(account, None,
+                                           int(time.time()) + api.settings.token_ttl_s)
     await record_revocation(api.pool, Revocation(account, None, until), revoked_by)
-    await api.engine.revoke_tokens(account, None, until)
     return until
 
 
@@ -70,7 +70,7 @@ class AuthController(Controller):
             floor = await api.engine.tokens_revoked_until(account)
         except (RedisError, OSError):  # the token is checked again on every use
             floor = 0
-        if now + api.tokens.ttl_s <= floor:
+        if int(now) + api.tokens.ttl_s <= floor:
             now = floor - api.tokens.ttl_s + 1
         token, exp = api.tokens.mint(account, now=now)
         return TokenOut(token=token, expires_at_ms=exp * 1000, account_id=account)
@@ -90,7 +90,7 @@ class AuthController(Controller):
         if everywhere:
             await revoke_all(api, who.account, "account")
         else:
+            await api.engine.revoke_tokens(who.account, who.token_id, who.exp)
             await record_revocation(api.pool, Revocation(who.account, who.token_id, who.exp),
                                     "account")
-            await api.engine.revoke_tokens(who.account, who.token_id, who.exp)
         return Response(None, status_code=204)
