@@ -153,6 +153,10 @@ async def _staff(a: argparse.Namespace) -> int:
     who = "cli:" + getpass.getuser()
     conn = await asyncpg.connect(a.pg_dsn)
     try:
+        if not await conn.fetchval("SELECT to_regclass('staff') IS NOT NULL"):
+            print("haoyuan staff: no staff table here; run haoyuan migrate first",
+                  file=sys.stderr)
+            return 1
         if a.staff_command == "add":
             try:
                 member, token = await staff.add_staff(conn, a.username, a.role, who)
