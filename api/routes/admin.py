@@ -19,6 +19,7 @@ from api.schemas import HOLD_ID_RE, CapacityIn, SuspendIn
 from engine.model import SessionSpec
 from engine.outcomes import Loaded, Refused, SlotLoad
 from engine.rules import HospitalRules, apply_rules, load_rules
+from engine.schedule_import import import_loaded
 from engine.store import queries as q
 
 
@@ -113,14 +114,14 @@ class AdminController(Controller):
             except ValueError:
                 raise ProblemError.of("invalid-input", f"session {s.session_id}: no such date",
                                       instance=request.scope["path"]) from None
-        stored = [q.StoredSession.from_spec(s) for s in data]
         try:
-            async with api.pool.acquire() as conn:
-                await q.upsert_schedule(conn, stored)
+            loaded = await import_loaded(api.engine, api.pool, data)
         except q.ScheduleConflict as exc:
             raise ProblemError.of("schedule-conflict", str(exc),
                                   instance=request.scope["path"]) from None
-        loaded = [await api.engine.load_session(s) for s in data]
+        except ValueError as exc:  # duplicate session ids
+            raise ProblemError.of("invalid-input", str(exc),
+                                  instance=request.scope["path"]) from None
         for s in data:
             api.release_times.forget(s.session_id)
             api.soldout.clear(s.session_id)
