@@ -74,6 +74,11 @@ def _entry_ms(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 async def outbox_lag(client: Any, partitions: Sequence[int] | None = None) -> OutboxLag:
     """Pending (delivered, not acknowledged) and undelivered entries, and the
     age of the oldest pending one, over every partition (or these)."""
@@ -131,6 +136,11 @@ class WriterConfig:
     #: PostgreSQL committed, and closes a partition that did (engine.recovery);
     #: 0 = never (a rebuild's own drain).
     guard_interval_s: float = 2.0
+    #: How often (seconds) the writer trims the outbox streams (0 = never):
+    #: below the oldest entry any consumer group has not acknowledged, and
+    #: never an entry younger than ``retain_ms`` (kept for inspection).
+    trim_interval_s: float = 5.0
+    retain_ms: int = 15 * 60_000
 
 
 class OutboxWriter:
@@ -151,6 +161,8 @@ class OutboxWriter:
         self.closed: list[int] = []
         self._last_claim = 0.0
         self._last_guard = -1e9
+        self._last_trim = 0.0
+        self.trimmed = 0
         self._reported: set[tuple[int, str]] = set()
 
     async def ensure_groups(self) -> None:
@@ -227,9 +239,54 @@ class OutboxWriter:
                 for eid, fields in items:
                     entries.append((_txt(stream), _txt(eid), fields))
         if not entries:
+            if self.config.trim_interval_s > 0 and \
+                    loop.time() - self._last_trim >= self.config.trim_interval_s:
+                self._last_trim = loop.time()
+                self.trimmed += await self.trim()
             return 0
         await self._write(entries)
         return len(entries)
+
+    async def trim(self) -> int:
+        """Trim each stream below the oldest entry that some consumer group
+        still needs (its oldest pending entry, or its last delivered one) and
+        below ``now - retain_ms``: an entry the writer (or
+        any other consumer) has not acknowledged is never dropped. Returns
+        how many entries went."""
+        now = await self.engine.server_time_ms()
+        floor = (max(0, now - self.config.retain_ms), 0)
+        pipe = self.client.pipeline(transaction=False)
+        for s in self.streams:
+            pipe.execute_command("XINFO", "GROUPS", s)
+        infos = await pipe.execute(raise_on_error=False)
+        need: dict[str, tuple[int, int]] = {}
+        pending_of: list[tuple[str, str]] = []
+        for s, groups in zip(self.streams, infos, strict=True):
+            if not isinstance(groups, list) or not groups:
+                continue  # no consumer yet: nothing is known to be written
+            low = floor
+            for g in groups:
+                info = _pairs(g)
+                last = _stream_id(str(info.get("last-delivered-id") or "0-0"))
+                # The last delivered entry itself stays: engine.recovery reads
+                # the newest entry PostgreSQL committed to see a lost tail.
+                low = min(low, last)
+                if int(info.get("pending") or 0) > 0:
+                    pending_of.append((s, str(info["name"])))
+            need[s] = low
+        if pending_of:
+            pipe = self.client.pipeline(transaction=False)
+            for s, g in pending_of:
+                pipe.xpending(s, g)
+            for (s, _g), xp in zip(pending_of, await pipe.execute(), strict=True):
+                if isinstance(xp, dict) and xp.get("min"):
+                    need[s] = min(need[s], _stream_id(_txt(xp["min"])))
+        if not need:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for s, low in need.items():
+            pipe.xtrim(s, minid=f"{low[0]}-{low[1]}", approximate=False)
+        return sum(int(n) for n in await pipe.execute() if isinstance(n, int))
 
     async def _claim(self) -> list[tuple[str, str, dict[Any, Any]]]:
         out: list[tuple[str, str, dict[Any, Any]]] = []

@@ -145,9 +145,12 @@ local function drop_rule(rule_key, rec)
   end
 end
 
+-- The outbox never trims itself: a MAXLEN here could drop an entry the
+-- writer has not written yet. The writer trims each stream below the oldest
+-- entry any consumer group still needs (engine.writer.OutboxWriter.trim).
 local function outbox(stream_key, event)
   event.v = 1
-  return rcall('XADD', stream_key, 'MAXLEN', '~', '1000000', '*', 'e', cjson.encode(event))
+  return rcall('XADD', stream_key, '*', 'e', cjson.encode(event))
 end
 
 local function event_of(kind, rec, now, reason)
