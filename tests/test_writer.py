@@ -124,6 +124,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.slow
 async def test_writer_killed_between_commit_and_ack(eng: Engine, db: asyncpg.Pool,
                                                      fresh_pg_dsn: str, redis_url: str) -> None:
     await eng.load_session(make_spec("S1", caps=(120,)))
@@ -150,6 +151,7 @@ async def test_writer_killed_between_commit_and_ack(eng: Engine, db: asyncpg.Poo
     assert (await outbox_lag(eng.client)).pending == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_postgres_down_during_confirmations_nothing_lost(eng: Engine) -> None:
     pg = PostgresServer()
@@ -183,6 +185,7 @@ async def test_postgres_down_during_confirmations_nothing_lost(eng: Engine) -> N
         pg.cleanup()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_redis_kill9_during_confirmations_loses_no_acknowledged_booking(
     fresh_pg_dsn: str,
@@ -247,6 +250,7 @@ def _lose_aof_tail(redis: RedisServer, keep: float) -> None:
     incr.write_bytes(data[: int(len(data) * keep)])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("loss", ["kill9", "lost-tail"])
 async def test_redis_kill9_everysec_rebuilt_before_reopening_no_unit_twice(
