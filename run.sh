@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The two commands of haoyuan on a fresh machine:
 #   ./run.sh demo    the release-morning demo (schedule, spike, report)
-#   ./run.sh test    lint, type-check and the whole test suite
+#   ./run.sh test    lint, type-check and the whole test suite (what CI runs)
+#   ./run.sh test --fast   the daily lane: without the tests marked slow
+#                    (demo, load, kill -9 and fault tests) or cluster
 # Both install what they need first: the OS servers (redis-server,
 # postgresql) if missing, and a virtual environment from pyproject.toml.
 set -euo pipefail
@@ -49,8 +51,13 @@ case "$cmd" in
   test)
     .venv/bin/ruff check engine api tests loadtest benchmarks
     .venv/bin/mypy
+    lane=()
+    if [ "${1:-}" = --fast ]; then
+      shift
+      lane=(-m "not slow and not cluster")
+    fi
     set +e
-    .venv/bin/python -m pytest "$@"
+    .venv/bin/python -m pytest "${lane[@]}" "$@"
     rc=$?
     set -e
     if [ "$rc" = 5 ]; then

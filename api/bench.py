@@ -19,7 +19,9 @@ Methodology
   sold-out): ``GET /bench/hello`` (the ceiling); ``POST /v1/holds`` that
   succeed (201); ``POST /v1/holds`` on a sold-out slot without an
   Idempotency-Key (409 from the per-worker sold-out cache; one Redis call
-  per worker per cache period).
+  per worker per cache period); the same with a new Idempotency-Key on every
+  request (409 from the cache, stored under its key: one small batched
+  script per request, so that a retry gets the same answer).
 - Figures are medians over the repeats; p99 is wrk's latency distribution
   (median over repeats). Load generator, server workers, Redis and
   PostgreSQL share this machine's cores: say so with the figures.
@@ -275,10 +277,12 @@ async def run_http_bench(quick: bool = False, *, workers: int = 2,
         hello: list[dict[str, float]] = []
         holds: list[dict[str, float]] = []
         soldout: list[dict[str, float]] = []
+        keyed: list[dict[str, float]] = []
         for r in range(repeats):
             hello.append(await _wrk(base + "/bench/hello", seconds))
             holds.append(await _wrk(base + "/v1/holds", seconds, scripts[r + 1], "keyed"))
             soldout.append(await _wrk(base + "/v1/holds", seconds, sold, "unkeyed"))
+            keyed.append(await _wrk(base + "/v1/holds", seconds, sold, "keyed"))
 
         def med(xs: list[dict[str, float]], k: str) -> float:
             return round(statistics.median(x[k] for x in xs), 2)
@@ -286,6 +290,7 @@ async def run_http_bench(quick: bool = False, *, workers: int = 2,
         ceiling = med(hello, "rps")
         holds_per_s = med(holds, "rps")
         soldout_per_s = med(soldout, "rps")
+        keyed_per_s = med(keyed, "rps")
         hold_requests = sum(x["requests"] for x in holds)
         hold_refused = sum(x["non2xx"] for x in holds)
         return {
@@ -298,6 +303,9 @@ async def run_http_bench(quick: bool = False, *, workers: int = 2,
             "soldout_per_s": soldout_per_s,
             "hold_ratio": round(holds_per_s / ceiling, 3) if ceiling else 0.0,
             "soldout_ratio": round(soldout_per_s / ceiling, 3) if ceiling else 0.0,
+            "soldout_keyed_per_s": keyed_per_s,
+            "soldout_keyed_ratio": round(keyed_per_s / ceiling, 3) if ceiling else 0.0,
+            "soldout_keyed_p99_ms": med(keyed, "p99_ms"),
             "p99_ms": med(holds, "p99_ms"),
             "soldout_p99_ms": med(soldout, "p99_ms"),
             "ceiling_p99_ms": med(hello, "p99_ms"),
@@ -305,11 +313,12 @@ async def run_http_bench(quick: bool = False, *, workers: int = 2,
             "soldout_non_409_share": round(
                 1 - sum(x["non2xx"] for x in soldout) / max(1, sum(x["requests"] for x in soldout)),
                 4),
-            "socket_errors": sum(x["socket_errors"] for x in hello + holds + soldout),
+            "socket_errors": sum(x["socket_errors"] for x in hello + holds + soldout + keyed),
             "setup_s": round(setup_s, 1),
             "total_s": round(time.monotonic() - t_start, 1),
             "runs": {"hello": [x["rps"] for x in hello], "holds": [x["rps"] for x in holds],
-                     "soldout": [x["rps"] for x in soldout]},
+                     "soldout": [x["rps"] for x in soldout],
+                     "soldout_keyed": [x["rps"] for x in keyed]},
             "hardware": _hardware(),
         }
     except Exception:

@@ -32,6 +32,7 @@ from engine.engine import Engine
 from engine.identity import RealNameVerifier
 from engine.identity.http import HttpRealNameVerifier
 from engine.identity.simulator import SimulatedRealName
+from engine.keys import ID_RE
 from engine.outcomes import Availability
 from engine.store import bindings
 from engine.store.migrate import migrate
@@ -94,6 +95,10 @@ class Api:
         self.engine: Engine = Engine.connect(s.redis_url, s.engine_config())
         self._pool: asyncpg.Pool | None = None
         self._ops: MicroCache[str, OpsStatus] = MicroCache(int(s.ops_cache_s * 1000))
+        #: Partitions PostgreSQL knows, and session -> partition, for telling
+        #: "recovering" (Redis lost it) from "not found" (engine.recovery).
+        self._known_parts: MicroCache[str, frozenset[int]] = MicroCache(5000)
+        self._session_parts: MicroCache[str, int | None] = MicroCache(2000)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -139,6 +144,35 @@ class Api:
                 await self.clock.calibrate(self.engine.server_time_ms, samples=3)
             except Exception as exc:
                 log.warning("clock_calibration_failed", error=type(exc).__name__)
+
+    async def recovering(self, partition: int) -> bool:
+        """Whether a partition PostgreSQL knows is closed in Redis (no recovery
+        marker: it lost its data, or a rebuild runs). Only asked on a path
+        that found nothing in Redis."""
+        if await self.engine.partition_epoch(partition) is not None:
+            return False
+
+        async def load() -> frozenset[int]:
+            rows = await self.pool.fetch(
+                "SELECT partition FROM redis_partitions WHERE epoch <> ''"
+                " UNION SELECT DISTINCT partition FROM sessions")
+            return frozenset(r["partition"] for r in rows)
+
+        return partition in await self._known_parts.get("all", load)
+
+    async def session_recovering(self, session_id: str) -> bool:
+        """A session PostgreSQL has that Redis lost (the engine answered
+        not-found): its partition is recovering."""
+        if not ID_RE.match(session_id):
+            return False
+
+        async def load() -> int | None:
+            p = await self.pool.fetchval("SELECT partition FROM sessions WHERE id = $1",
+                                         session_id)
+            return None if p is None else int(p)
+
+        part = await self._session_parts.get(session_id, load)
+        return part is not None and await self.recovering(part)
 
     @property
     def pool(self) -> asyncpg.Pool:

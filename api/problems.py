@@ -54,6 +54,9 @@ def _k(status: int, slug: str, title: str) -> Kind:
     return Kind(status, slug, title)
 
 
+#: How long a client waits before retrying while a partition is recovering.
+RECOVERING_RETRY_MS = 2000.0
+
 #: Engine refusal -> status and problem type (the one table of the API).
 REASONS: dict[Reason, Kind] = {
     Reason.NOT_OPEN: _k(409, "not-open", "Booking is not open yet"),
@@ -74,6 +77,9 @@ REASONS: dict[Reason, Kind] = {
     Reason.BANNED: _k(403, "banned", "This patient is barred from booking for a period"),
     Reason.LIMIT_REACHED: _k(409, "limit-reached", "The patient has reached the limit of bookings"),
     Reason.WAITLIST_FULL: _k(409, "waitlist-full", "The waitlist of this session is full"),
+    # 503 with Retry-After: Redis lost state and `haoyuan rebuild` is putting
+    # it back; nothing was decided, and the same request will work shortly.
+    Reason.RECOVERING: _k(503, "recovering", "Sales are closed while the engine recovers"),
 }
 
 #: HTTP-level problems.
@@ -213,6 +219,8 @@ def refused(r: Refused, instance: str | None = None) -> Response[Any]:
     if r.reason is Reason.RATE_LIMITED:
         # Never earlier than the limiter allows: jitter upwards only.
         retry_ms, headers = retry_after(float(r.retry_after_ms or 1000), 1.0, 1.5)
+    elif r.reason is Reason.RECOVERING:
+        retry_ms, headers = retry_after(RECOVERING_RETRY_MS)
     return problem(
         k,
         r.message or None,

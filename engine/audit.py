@@ -18,6 +18,7 @@ import msgspec
 
 from engine.engine import Engine
 from engine.his.base import HisClient, HisUnavailable
+from engine.recovery import PartitionCheck, check_partitions
 from engine.writer import outbox_lag
 
 
@@ -39,6 +40,11 @@ class AuditReport(msgspec.Struct):
     breaches: list[str]
     outbox_pending: int
     checked_at: str
+    #: Partitions whose Redis state is not whole (engine.recovery): each needs
+    #: ``haoyuan rebuild`` before it sells again. Empty: no rebuild needed.
+    recovery: list[PartitionCheck] = []
+    #: None: unknown (audited without PostgreSQL).
+    rebuild_needed: bool | None = None
 
 
 async def run_audit(
@@ -52,6 +58,12 @@ async def run_audit(
     lag = await outbox_lag(engine.client)
     in_flight = lag.pending + lag.undelivered
     sids = session_ids if session_ids is not None else await engine.session_ids()
+    recovery: list[PartitionCheck] = []
+    if pool is not None:
+        recovery = await check_partitions(engine, pool)
+        if session_ids is None:  # sessions Redis lost are sessions too
+            pg_sids = {r["id"] for r in await pool.fetch("SELECT id FROM sessions")}
+            sids = sorted(set(sids) | pg_sids)
     reports: list[SessionReport] = []
     all_breaches: list[str] = []
     pg_booked: dict[str, set[str]] = {}
@@ -113,9 +125,12 @@ async def run_audit(
             ok=not breaches, breaches=breaches,
         ))
         all_breaches += [f"{sid}: {b}" for b in breaches]
+    all_breaches += [f"partition {c.partition}: {c.state}: {c.detail}; run haoyuan rebuild"
+                     for c in recovery]
     return AuditReport(
         ok=not all_breaches, sessions=reports, breaches=all_breaches,
         outbox_pending=in_flight, checked_at=dt.datetime.now(dt.UTC).isoformat(),
+        recovery=recovery, rebuild_needed=None if pool is None else bool(recovery),
     )
 
 
@@ -131,6 +146,12 @@ def format_table(report: AuditReport) -> str:
     if report.outbox_pending:
         lines.append(f"note: {report.outbox_pending} outbox entries in flight; "
                      "Redis vs PostgreSQL not compared")
+    if report.rebuild_needed:
+        parts = ", ".join(str(c.partition) for c in report.recovery)
+        lines.append(f"recovery: Redis lost state of partition(s) {parts}: sales there answer "
+                     "'recovering' until `haoyuan rebuild` has run")
+    elif report.rebuild_needed is False:
+        lines.append("recovery: Redis's state is whole; no rebuild needed")
     lines += [f"BREACH {b}" for b in report.breaches]
     lines.append("audit: OK" if report.ok else f"audit: {len(report.breaches)} breach(es)")
     return "\n".join(lines)

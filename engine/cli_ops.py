@@ -50,15 +50,23 @@ async def _audit(a: argparse.Namespace) -> int:
 
 
 async def _rebuild(a: argparse.Namespace) -> int:
+    import sys
+
     import asyncpg
 
     from engine.engine import Engine, EngineConfig
     from engine.rebuild import rebuild
+    from engine.recovery import RecoveryError
 
     pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=2)
     try:
         async with Engine.connect(a.redis_url, EngineConfig()) as eng:
-            reports = await rebuild(eng, pool, a.session or None)
+            reports = await rebuild(eng, pool, a.session or None,
+                                    drain_timeout_s=a.drain_timeout)
+    except RecoveryError as exc:
+        print(f"haoyuan rebuild: {exc}; the partition stays closed (its sales answer "
+              "'recovering'): fix the cause and run the rebuild again", file=sys.stderr)
+        return 2
     finally:
         await pool.close()
     print(msgspec.json.encode(reports).decode())
@@ -210,9 +218,15 @@ def register(
     p.add_argument("--json", action="store_true")
     commands["audit"] = _audit
 
-    p = sub.add_parser("rebuild", help="rebuild Redis state from PostgreSQL")
+    p = sub.add_parser(
+        "rebuild", help="close, drain, rebuild from PostgreSQL and reopen partitions of Redis")
     add_conn(p)
-    p.add_argument("session", nargs="*")
+    p.add_argument("session", nargs="*",
+                   help="rebuild the partitions of these sessions (default: every partition "
+                        "PostgreSQL knows)")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds to wait for a partition's outbox to reach PostgreSQL before "
+                        "giving up (the partition then stays closed; default 60)")
     commands["rebuild"] = _rebuild
 
     p = sub.add_parser("rebuild-bindings",

@@ -40,6 +40,7 @@ from engine.outcomes import (
     Reason,
     Refused,
     Released,
+    Restore,
     SessionAudit,
     SessionAvailability,
     SlotAudit,
@@ -48,6 +49,7 @@ from engine.outcomes import (
     Suspended,
     Waitlisted,
     refused_from,
+    restore_from,
 )
 from engine.scripts import AnyRedis, Arg, ScriptError, ScriptRunner
 
@@ -225,13 +227,23 @@ class Engine:
         return int(sec) * 1000 + int(usec) // 1000 + self._off
 
     # -- sessions --------------------------------------------------------
-    async def load_session(self, spec: SessionSpec) -> Loaded:
+    async def load_session(
+        self, spec: SessionSpec, *, open_partition: bool = True, epoch: str | None = None
+    ) -> Loaded:
+        """Create or update a session (never resetting live inventory).
+
+        ``open_partition``: a partition without a recovery marker is opened
+        with ``epoch`` (a new one if None): right for a new partition. A
+        caller that knows the partition lost its data (``engine.recovery``)
+        passes False: the session loads, but nothing in the partition sells
+        until ``haoyuan rebuild`` reopens it."""
         p = K.partition_of(spec.dept, spec.date)
         sk, pk = K.SessionKeys(p, spec.session_id), K.PartitionKeys(p)
+        marker = (epoch or new_epoch()) if open_partition else ""
         d = await self._run(
             "loadSession",
-            [sk.meta, sk.free, sk.units, pk.dept_day(spec.dept, spec.date), pk.sessions],
-            [spec.session_id, spec.lua_json()],
+            [sk.meta, sk.free, sk.units, pk.dept_day(spec.dept, spec.date), pk.sessions, pk.epoch],
+            [spec.session_id, spec.lua_json(), marker],
         )
         await self.client.hset(K.SESSION_INDEX, spec.session_id, p)
         self._refs[spec.session_id] = SessionRef(
@@ -242,7 +254,30 @@ class Engine:
             partition=p,
             created=bool(d["created"]),
             slots=[SlotLoad(s["id"], int(s["cap"]), int(s["requested"])) for s in d["slots"]],
+            open=bool(d["open"]),
         )
+
+    # -- the recovery marker (lua/includes/common.lua ``recovering``) --------
+    async def partition_epoch(self, partition: int) -> str | None:
+        """The partition's recovery marker, or None: it lost its data or is
+        being rebuilt, and nothing in it sells."""
+        v = await self.client.get(K.PartitionKeys(partition).epoch)
+        return None if v is None else _txt(v)
+
+    async def partition_epochs(self, partitions: Sequence[int]) -> dict[int, str | None]:
+        pipe = self.client.pipeline(transaction=False)
+        for p in partitions:
+            pipe.get(K.PartitionKeys(p).epoch)
+        got = await pipe.execute()
+        return {p: None if v is None else _txt(v) for p, v in zip(partitions, got, strict=True)}
+
+    async def close_partition(self, partition: int) -> None:
+        """Stop every decision of the partition (they answer ``recovering``)."""
+        await self.client.delete(K.PartitionKeys(partition).epoch)
+
+    async def open_partition(self, partition: int, epoch: str) -> None:
+        """Let the partition sell again under ``epoch`` (after a rebuild)."""
+        await self.client.set(K.PartitionKeys(partition).epoch, epoch)
 
     async def ref(self, session_id: str) -> SessionRef | None:
         """The session's partition and rule scope (cached in process: they never change)."""
@@ -365,10 +400,26 @@ class Engine:
             return refused_from(d)
         if c.patient_rules:
             await self._settle_patient(patient, f"{account}:{rq}", int(d["dl"]) + 1000)
-        return Held(
-            hold_id=d["id"], session_id=d["sid"], slot_id=d["slot"], unit=int(d["unit"]),
-            expires_at_ms=int(d["dl"]), server_ms=int(d["now"]), replay=bool(d.get("rp", 0)),
+        return _held(d)
+
+    async def remember_refusal(
+        self, session_id: str, slot_id: str, *, patient: str, account: str, idempotency_key: str
+    ) -> Held | Refused:
+        """A keyed hold answered "sold out" from a caller's cache: store that
+        answer under the key (one tiny script, batched with the holds), so a
+        retry with the key gets it again wherever it lands. If the key has an
+        answer already (a retry, or a twin that won), that answer comes back
+        instead, a hold included."""
+        ref = await self.ref(session_id)
+        if ref is None:
+            return await self._not_found("session")
+        key = K.PartitionKeys(ref.partition).idempotency(account, idempotency_key)
+        d = await self._run(
+            "rememberRefusal", [key],
+            [session_id, slot_id, patient, int(Code.SOLD_OUT), self.config.idempotency_ttl_ms,
+             self._off],
         )
+        return _held(d) if d["o"] == Code.OK else refused_from(d)
 
     async def binding(self, account: str, patient_id: str) -> str | None:
         """The patient ref of one of the account's patients from the binding
@@ -430,17 +481,6 @@ class Engine:
         wait = await self.runner.run("limitAttempts", [K.limiter(kind, client)],
                                      ["take" if take else "peek", interval_ms, burst])
         return int(wait)
-
-    async def has_answer(self, session_id: str, account: str, idempotency_key: str) -> bool:
-        """Whether a hold under this key already has a stored answer (a tiny
-        read-only script, batched with the holds). A caller may answer a keyed
-        request from a sold-out cache only when it has none: otherwise the
-        request is a retry, to be replayed."""
-        ref = await self.ref(session_id)
-        if ref is None:
-            return False
-        key = K.PartitionKeys(ref.partition).idempotency(account, idempotency_key)
-        return bool(await self.runner.run("peekAnswer", [key], []))
 
     async def _reserve_patient(self, patient: str, rq: str) -> Refused | None:
         """The hospital-wide step on the patient's partition (bans, active limit)."""
@@ -578,9 +618,10 @@ class Engine:
         fee: int = 0,
         payment_ref: str = "",
         booked_at_ms: int = 0,
-    ) -> bool | Refused:
+    ) -> Restore | Refused:
         """Put a booking PostgreSQL holds back on its own unit (rebuild,
-        conflict compensation). True if restored, False if already there."""
+        conflict compensation). Never revives a record Redis holds as
+        cancelled, refunded or displaced (``Restore.KEPT_*``)."""
         ref = await self.ref(session_id)
         if ref is None:
             return await self._not_found("session")
@@ -592,7 +633,7 @@ class Engine:
         d = await self._run("restoreBooking", ref.bundle, [body, self._off])
         if d["o"] != Code.OK:
             return refused_from(d)
-        return bool(d["restored"])
+        return restore_from(d)
 
     async def raise_sequence(self, record_id: str) -> bool:
         """Keep new ids of the record's partition above ``record_id`` (a hold
@@ -682,7 +723,7 @@ class Engine:
     async def _availability(self, refs: list[SessionRef], pools: str = "0") -> Availability:
         keys: list[str] = []
         for r in refs:
-            keys += [r.keys.meta, r.keys.free, r.keys.waitlist]
+            keys += [r.keys.meta, r.keys.free, r.keys.waitlist, r.keys.part.epoch]
         d = await self._run("getAvailability", keys, [self._off, pools])
         return Availability(
             server_ms=int(d["now"]),
@@ -716,6 +757,14 @@ class Engine:
                 d[k] = []
         return d
 
+    async def session_status(self, session_id: str) -> str | None:
+        """"open" or "suspended" as Redis has it; None for an unknown session."""
+        ref = await self.ref(session_id)
+        if ref is None:
+            return None
+        v = await self.client.hget(ref.keys.meta, "status")
+        return None if v is None else _txt(v)
+
     async def session_ids(self) -> list[str]:
         return sorted(_txt(k) for k in await self.client.hkeys(K.SESSION_INDEX))
 
@@ -727,6 +776,18 @@ class Engine:
         if snap is None:
             return SessionAudit(session_id, 0, 0, 0, 0, 0, False, ["session not found"], [])
         return audit_snapshot(session_id, snap)
+
+
+def new_epoch() -> str:
+    """A fresh recovery marker value."""
+    return uuid.uuid4().hex[:16]
+
+
+def _held(d: dict[str, Any]) -> Held:
+    return Held(
+        hold_id=d["id"], session_id=d["sid"], slot_id=d["slot"], unit=int(d["unit"]),
+        expires_at_ms=int(d["dl"]), server_ms=int(d["now"]), replay=bool(d.get("rp", 0)),
+    )
 
 
 def _txt(v: object) -> str:

@@ -69,6 +69,12 @@ class PartitionKeys:
     def seq(self) -> str:
         return f"{tag(self.p)}:seq"
 
+    @property
+    def epoch(self) -> str:
+        """The recovery marker: present while the partition's state is whole
+        (lua/includes/common.lua ``recovering``; engine.recovery)."""
+        return f"{tag(self.p)}:epoch"
+
     def dept_day(self, dept: str, date: str) -> str:
         return f"{tag(self.p)}:dd:{dept}:{date}"
 
@@ -144,8 +150,8 @@ class SessionKeys:
         return f"{tag(self.p)}:q:{self.sid}"
 
     def bundle(self, rule_key: str) -> list[str]:
-        """The eleven KEYS every mutating session script takes first
+        """The twelve KEYS every mutating session script takes first
         (lua/includes/common.lua documents them)."""
         pk = self.part
         return [self.meta, self.free, self.units, self.deadlines, self.waitlist, self.delayed,
-                pk.records, pk.deadlines, rule_key, pk.outbox, pk.seq]
+                pk.records, pk.deadlines, rule_key, pk.outbox, pk.seq, pk.epoch]

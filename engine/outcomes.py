@@ -29,6 +29,7 @@ class Code(enum.IntEnum):
     BANNED = -12
     LIMIT_REACHED = -13
     WAITLIST_FULL = -14
+    RECOVERING = -15
 
 
 class Reason(enum.StrEnum):
@@ -46,6 +47,7 @@ class Reason(enum.StrEnum):
     BANNED = "banned"
     LIMIT_REACHED = "limit-reached"
     WAITLIST_FULL = "waitlist-full"
+    RECOVERING = "recovering"
 
 
 REASON_OF_CODE: dict[int, Reason] = {
@@ -63,6 +65,7 @@ REASON_OF_CODE: dict[int, Reason] = {
     Code.BANNED: Reason.BANNED,
     Code.LIMIT_REACHED: Reason.LIMIT_REACHED,
     Code.WAITLIST_FULL: Reason.WAITLIST_FULL,
+    Code.RECOVERING: Reason.RECOVERING,
 }
 
 MESSAGES: dict[Reason, str] = {
@@ -80,7 +83,29 @@ MESSAGES: dict[Reason, str] = {
     Reason.BANNED: "this patient is barred from booking for a period (missed appointments)",
     Reason.LIMIT_REACHED: "this patient has reached the hospital's limit of active bookings",
     Reason.WAITLIST_FULL: "the waitlist of this session is full",
+    Reason.RECOVERING: "sales are closed while the engine recovers its state; retry shortly",
 }
+
+
+class Restore(enum.StrEnum):
+    """What ``Engine.restore_booking`` did with a booking PostgreSQL holds."""
+
+    RESTORED = "restored"  # put back on its unit
+    ALREADY = "already"  # it was there
+    #: Redis holds the record as ended, which is newer than a "booked" row
+    #: whose later events PostgreSQL has not seen: never turned back.
+    KEPT_CANCELLED = "kept-cancelled"
+    KEPT_REFUNDED = "kept-refunded"
+    KEPT_DISPLACED = "kept-displaced"
+
+
+_KEPT = {"c": Restore.KEPT_CANCELLED, "r": Restore.KEPT_REFUNDED, "x": Restore.KEPT_DISPLACED}
+
+
+def restore_from(d: dict[str, Any]) -> Restore:
+    if d.get("ended"):
+        return _KEPT[str(d["ended"])]
+    return Restore.RESTORED if d["restored"] else Restore.ALREADY
 
 
 class Held(msgspec.Struct, frozen=True, tag="held"):
@@ -210,6 +235,9 @@ class Loaded(msgspec.Struct, frozen=True):
     partition: int
     created: bool
     slots: list[SlotLoad]
+    #: Whether the partition sells (its recovery marker is set); False for a
+    #: partition that lost its data and waits for ``haoyuan rebuild``.
+    open: bool = True
 
 
 class SlotAudit(msgspec.Struct):

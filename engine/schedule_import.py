@@ -18,7 +18,10 @@ import msgspec
 
 from engine.engine import Engine
 from engine.his.base import HisClient, HisSchedule
+from engine.keys import partition_of
 from engine.model import SessionSpec
+from engine.outcomes import Loaded
+from engine.recovery import import_epochs
 from engine.store.queries import StoredSession, upsert_schedule
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "ImportReport",
     "ScheduleFileError",
     "fetch_from_his",
+    "import_loaded",
     "import_sessions",
     "load_json_file",
     "spec_from_his",
@@ -44,14 +48,20 @@ class ImportReport(msgspec.Struct, frozen=True):
     existing: list[str]
     slots: int
     capacity: int
+    #: Sessions loaded into a partition that lost its data in Redis: they do
+    #: not sell until ``haoyuan rebuild`` (engine.recovery).
+    recovering: list[str] = []
 
 
 class ScheduleFileError(ValueError):
     """A schedule file that cannot be read or does not validate."""
 
 
-async def import_sessions(engine: Engine, pool: Any, specs: Sequence[SessionSpec]) -> ImportReport:
-    """Record the sessions in PostgreSQL (one transaction), then load each into the engine.
+async def import_loaded(engine: Engine, pool: Any, specs: Sequence[SessionSpec]) -> list[Loaded]:
+    """Record the sessions in PostgreSQL (one transaction), then load each into
+    the engine; a partition opens only if it is new or whole
+    (``engine.recovery.import_epochs``). The one import path: the CLI, the
+    admin API and the scheduler all come here.
 
     Raises ``ValueError`` on duplicate session ids and
     ``engine.store.queries.ScheduleConflict`` if a session would move to
@@ -62,20 +72,28 @@ async def import_sessions(engine: Engine, pool: Any, specs: Sequence[SessionSpec
     if dupes:
         raise ValueError(f"duplicate session ids: {', '.join(dupes)}")
     if not specs:
-        return ImportReport(0, [], [], 0, 0)
+        return []
     async with pool.acquire() as conn:
         await upsert_schedule(conn, [StoredSession.from_spec(s) for s in specs])
-    created: list[str] = []
-    existing: list[str] = []
+    epochs = await import_epochs(engine, pool, {partition_of(s.dept, s.date) for s in specs})
+    loaded: list[Loaded] = []
     for spec in specs:
-        loaded = await engine.load_session(spec)
-        (created if loaded.created else existing).append(spec.session_id)
+        epoch = epochs[partition_of(spec.dept, spec.date)]
+        loaded.append(await engine.load_session(spec, open_partition=epoch is not None,
+                                                epoch=epoch))
+    return loaded
+
+
+async def import_sessions(engine: Engine, pool: Any, specs: Sequence[SessionSpec]) -> ImportReport:
+    """``import_loaded``, summed up."""
+    loaded = await import_loaded(engine, pool, specs)
     return ImportReport(
         sessions=len(specs),
-        created=created,
-        existing=existing,
+        created=[x.session_id for x in loaded if x.created],
+        existing=[x.session_id for x in loaded if not x.created],
         slots=sum(len(s.slots) for s in specs),
         capacity=sum(s.capacity for s in specs),
+        recovering=[x.session_id for x in loaded if not x.open],
     )
 
 

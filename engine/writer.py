@@ -15,11 +15,12 @@ refunded, cancelled in Redis and the earlier booking put back on its unit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,13 +74,19 @@ def _entry_ms(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
-async def outbox_lag(client: Any) -> OutboxLag:
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def outbox_lag(client: Any, partitions: Sequence[int] | None = None) -> OutboxLag:
     """Pending (delivered, not acknowledged) and undelivered entries, and the
-    age of the oldest pending one, over every partition."""
+    age of the oldest pending one, over every partition (or these)."""
+    parts = list(range(K.PARTITIONS)) if partitions is None else list(partitions)
     now_s, now_us = await client.time()
     now = int(now_s) * 1000 + int(now_us) // 1000
     pipe = client.pipeline(transaction=False)
-    for p in range(K.PARTITIONS):
+    for p in parts:
         s = K.PartitionKeys(p).outbox
         pipe.xlen(s)
         pipe.xpending(s, GROUP)
@@ -88,8 +95,8 @@ async def outbox_lag(client: Any) -> OutboxLag:
     res = await pipe.execute(raise_on_error=False)
     pending = undelivered = length = 0
     oldest = 0
-    for p in range(K.PARTITIONS):
-        xlen, xp, groups = res[3 * p : 3 * p + 3]
+    for i in range(len(parts)):
+        xlen, xp, groups = res[3 * i : 3 * i + 3]
         length += int(xlen) if isinstance(xlen, int) else 0
         if isinstance(xp, dict) and xp.get("pending"):
             pending += int(xp["pending"])
@@ -125,21 +132,38 @@ class WriterConfig:
     consumer: str = ""
     #: Test hook: called after commit and before XACK (kill -9 lands here).
     after_commit: Callable[[int], Awaitable[None]] | None = None
+    #: How often (seconds) the writer checks that Redis did not lose writes
+    #: PostgreSQL committed, and closes a partition that did (engine.recovery);
+    #: 0 = never (a rebuild's own drain).
+    guard_interval_s: float = 2.0
+    #: How often (seconds) the writer trims the outbox streams (0 = never):
+    #: below the oldest entry any consumer group has not acknowledged, and
+    #: never an entry younger than ``retain_ms`` (kept for inspection).
+    trim_interval_s: float = 5.0
+    retain_ms: int = 15 * 60_000
 
 
 class OutboxWriter:
-    def __init__(self, engine: Engine, pool: asyncpg.Pool, config: WriterConfig | None = None):
+    def __init__(self, engine: Engine, pool: asyncpg.Pool, config: WriterConfig | None = None,
+                 *, partitions: Sequence[int] | None = None):
         self.engine = engine
         self.client = engine.client
         self.pool = pool
         self.config = config or WriterConfig()
         if not self.config.consumer:
             self.config.consumer = f"{socket.gethostname()}-{os.getpid()}"
-        self.streams = [K.PartitionKeys(p).outbox for p in range(K.PARTITIONS)]
+        self.partitions = list(range(K.PARTITIONS)) if partitions is None else list(partitions)
+        self.streams = [K.PartitionKeys(p).outbox for p in self.partitions]
+        self._partition_of = dict(zip(self.streams, self.partitions, strict=True))
         self.written = 0
         self.conflicts = 0
         self.dead = 0
+        self.closed: list[int] = []
         self._last_claim = 0.0
+        self._last_guard = -1e9
+        self._last_trim = 0.0
+        self.trimmed = 0
+        self._reported: set[tuple[int, str]] = set()
 
     async def ensure_groups(self) -> None:
         pipe = self.client.pipeline(transaction=False)
@@ -158,9 +182,9 @@ class OutboxWriter:
             try:
                 n = await self.step()
                 backoff = 0.1
-                if burst and n == 0 and (await outbox_lag(self.client)).pending == 0:
-                    lag = await outbox_lag(self.client)
-                    if lag.undelivered == 0:
+                if burst and n == 0:
+                    lag = await outbox_lag(self.client, self.partitions)
+                    if lag.pending == 0 and lag.undelivered == 0:
                         return
             except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                     ConnectionError, TimeoutError) as exc:
@@ -171,11 +195,38 @@ class OutboxWriter:
                 log.exception("writer step failed")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+            else:
+                continue
+            # After any failure: check again before reading, and recreate the
+            # consumer groups if Redis came back without them (NOGROUP).
+            self._last_guard = -1e9
+            with contextlib.suppress(Exception):
+                await self.ensure_groups()
+
+    async def guard(self) -> None:
+        """Close every partition whose Redis lost writes PostgreSQL committed
+        (engine.recovery): sales there wait for ``haoyuan rebuild``."""
+        from engine.recovery import close_damaged
+
+        found = await close_damaged(self.engine, self.pool)
+        for c in found:
+            if c.state != "lost" and c.partition not in self.closed:
+                self.closed.append(c.partition)
+            if (c.partition, c.state) not in self._reported:
+                log.error("writer: partition %d needs `haoyuan rebuild` (%s: %s); its sales are"
+                          " closed", c.partition, c.state, c.detail)
+        self._reported = {(c.partition, c.state) for c in found}
 
     async def step(self) -> int:
         """One batch: claim dead writers' entries now and then, read new ones, write."""
         entries: list[tuple[str, str, dict[Any, Any]]] = []
         loop = asyncio.get_running_loop()
+        every = self.config.guard_interval_s
+        if every > 0 and loop.time() - self._last_guard >= every:
+            # Before reading: entries written after a Redis restart would
+            # otherwise hide that the stream lost its tail.
+            await self.guard()
+            self._last_guard = loop.time()
         if loop.time() - self._last_claim > self.config.claim_idle_ms / 2000:
             self._last_claim = loop.time()
             entries += await self._claim()
@@ -188,9 +239,54 @@ class OutboxWriter:
                 for eid, fields in items:
                     entries.append((_txt(stream), _txt(eid), fields))
         if not entries:
+            if self.config.trim_interval_s > 0 and \
+                    loop.time() - self._last_trim >= self.config.trim_interval_s:
+                self._last_trim = loop.time()
+                self.trimmed += await self.trim()
             return 0
         await self._write(entries)
         return len(entries)
+
+    async def trim(self) -> int:
+        """Trim each stream below the oldest entry that some consumer group
+        still needs (its oldest pending entry, or its last delivered one) and
+        below ``now - retain_ms``: an entry the writer (or
+        any other consumer) has not acknowledged is never dropped. Returns
+        how many entries went."""
+        now = await self.engine.server_time_ms()
+        floor = (max(0, now - self.config.retain_ms), 0)
+        pipe = self.client.pipeline(transaction=False)
+        for s in self.streams:
+            pipe.execute_command("XINFO", "GROUPS", s)
+        infos = await pipe.execute(raise_on_error=False)
+        need: dict[str, tuple[int, int]] = {}
+        pending_of: list[tuple[str, str]] = []
+        for s, groups in zip(self.streams, infos, strict=True):
+            if not isinstance(groups, list) or not groups:
+                continue  # no consumer yet: nothing is known to be written
+            low = floor
+            for g in groups:
+                info = _pairs(g)
+                last = _stream_id(str(info.get("last-delivered-id") or "0-0"))
+                # The last delivered entry itself stays: engine.recovery reads
+                # the newest entry PostgreSQL committed to see a lost tail.
+                low = min(low, last)
+                if int(info.get("pending") or 0) > 0:
+                    pending_of.append((s, str(info["name"])))
+            need[s] = low
+        if pending_of:
+            pipe = self.client.pipeline(transaction=False)
+            for s, g in pending_of:
+                pipe.xpending(s, g)
+            for (s, _g), xp in zip(pending_of, await pipe.execute(), strict=True):
+                if isinstance(xp, dict) and xp.get("min"):
+                    need[s] = min(need[s], _stream_id(_txt(xp["min"])))
+        if not need:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for s, low in need.items():
+            pipe.xtrim(s, minid=f"{low[0]}-{low[1]}", approximate=False)
+        return sum(int(n) for n in await pipe.execute() if isinstance(n, int))
 
     async def _claim(self) -> list[tuple[str, str, dict[Any, Any]]]:
         out: list[tuple[str, str, dict[Any, Any]]] = []
@@ -225,6 +321,7 @@ class OutboxWriter:
                     c = await self._apply(conn, ev, eid)
                     if c is not None:
                         conflicts.append((ev, c or None))
+                await self._record_applied(conn, [(s, e) for s, e, _ in decoded])
         except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
             raise
         except asyncpg.PostgresError:
@@ -263,6 +360,7 @@ class OutboxWriter:
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
                     winner = await self._apply(conn, ev, eid)
+                    await self._record_applied(conn, [(stream, eid)])
                 if winner is not None:
                     await self._compensate(ev, winner or None)
                 await self._ack([(stream, eid)])
@@ -277,6 +375,26 @@ class OutboxWriter:
                 else:
                     log.warning("writer: entry %s failed (%s); will retry", eid,
                                 type(exc).__name__)
+
+    async def _record_applied(self, conn: Any, done: list[tuple[str, str]]) -> None:
+        """In the batch's transaction: the newest entry of each partition that
+        PostgreSQL now holds (engine.recovery compares it with Redis)."""
+        newest: dict[int, tuple[int, int]] = {}
+        for stream, eid in done:
+            p = self._partition_of.get(stream)
+            if p is None:
+                continue
+            ms, _, seq = eid.partition("-")
+            at = (int(ms), int(seq or 0))
+            if at > newest.get(p, (0, 0)):
+                newest[p] = at
+        if newest:
+            await conn.executemany(
+                "INSERT INTO redis_partitions (partition, applied_ms, applied_seq)"
+                " VALUES ($1, $2, $3) ON CONFLICT (partition) DO UPDATE SET"
+                " applied_ms = $2, applied_seq = $3 WHERE (redis_partitions.applied_ms,"
+                " redis_partitions.applied_seq) < ($2, $3)",
+                [(p, at[0], at[1]) for p, at in sorted(newest.items())])
 
     async def _deliveries(self, stream: str, eid: str) -> int:
         rows = await self.client.xpending_range(stream, GROUP, min=eid, max=eid, count=1)

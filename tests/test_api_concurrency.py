@@ -36,7 +36,7 @@ from tests.apikit import (
 )
 from tests.enginekit import make_spec, new_database
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 ACCOUNTS = 1000
 REQUESTS = 2000

@@ -30,7 +30,7 @@ from api.settings import Settings
 from tests.apikit import ADMIN, granian, server_env
 from tests.enginekit import make_spec, new_database
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 CHECKS = [
     not_a_server_error,

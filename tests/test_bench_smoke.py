@@ -13,6 +13,8 @@ import pytest
 
 from engine.bench import run_durability_bench, run_engine_bench
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.timeout(120)
 async def test_engine_bench_runs_and_the_ceiling_does_real_holds() -> None:

@@ -18,6 +18,8 @@ import pytest
 from engine import Engine, Held, Refused
 from tests.enginekit import config, make_spec
 
+pytestmark = pytest.mark.slow
+
 PROCS = 4
 SLOTS = ("0800", "0830", "0900", "0930")
 

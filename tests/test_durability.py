@@ -13,6 +13,8 @@ from engine.scripts import NotDurable
 from engine.servers import RedisServer
 from tests.enginekit import config, make_spec
 
+pytestmark = pytest.mark.slow
+
 
 async def test_aof_modes_are_checked_at_connect() -> None:
     plain = RedisServer(appendonly=False).start()

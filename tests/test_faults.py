@@ -18,6 +18,8 @@ from engine.servers import RedisServer
 from tests.enginekit import config, make_spec
 from tests.faultproxy import FaultProxy
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 async def proxied(fresh_redis: Any, redis_url: str) -> AsyncIterator[tuple[Engine, FaultProxy]]:

@@ -406,6 +406,7 @@ class ApiProcess:
             self.proc.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_LOCUST, reason="locust is not installed")
 async def test_spike_end_to_end(
     redis_url: str, fresh_redis: Any, fresh_pg_dsn: str, tmp_path: Path

@@ -11,9 +11,10 @@ import time
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 
-from engine import Booked, Engine, Held
+from engine import Booked, Engine, Held, Reason, Refused
 from engine.audit import run_audit
 from engine.pii import Crypto
 from engine.rebuild import rebuild, rebuild_bindings
@@ -180,3 +181,181 @@ async def test_rebuild_never_reissues_the_id_of_a_cancelled_booking(
         h = await eng.hold("S1", "0800", patient="new", account="an")
         assert isinstance(h, Held)
         assert int(h.hold_id.rsplit(".", 1)[1]) > max(int(i.rsplit(".", 1)[1]) for i in ids)
+
+
+# -- issue: recovery never undoes a newer decision, and sales stay closed ------------
+
+
+async def _dump(eng: Engine) -> dict[bytes, Any]:
+    """Every key's value, by type (a stream: its entries and groups)."""
+    out: dict[bytes, Any] = {}
+    for k in sorted(await eng.client.keys("*")):
+        t = (await eng.client.type(k)).decode()
+        c = eng.client
+        out[k] = (t, await (c.hgetall(k) if t == "hash" else c.zrange(k, 0, -1, withscores=True)
+                            if t == "zset" else c.smembers(k) if t == "set" else
+                            c.xrange(k) if t == "stream" else c.get(k)))
+        if t == "stream":
+            groups = await c.xinfo_groups(k)
+            out[k] += (sorted((g["name"], g["last-delivered-id"], g["pending"]) for g in groups),)
+    return out
+
+
+async def test_rebuild_on_a_healthy_system_changes_nothing(
+        fresh_redis: Any, redis_url: str, db: asyncpg.Pool) -> None:
+    """Everything a session was loaded with (pools, waitlist, windows), its
+    bookings, holds, cancellations, waitlist and a suspension: a rebuild of
+    a healthy system leaves every Redis key byte for byte as it was, twice."""
+    from engine.model import SlotSpec
+    from engine.schedule_import import import_sessions
+
+    base = make_spec("S1", caps=(4, 3))
+    spec = msgspec.structs.replace(
+        base, waitlist_ttl_ms=60_000, waitlist_max=10, rerelease_ms=0, night_from_min=1,
+        night_to_min=2, kind="expert",
+        slots=[msgspec.structs.replace(base.slots[0], pools={"phone": 1, "window": 1}),
+               base.slots[1]])
+    other = make_spec("S2", doctor="DR2", caps=(2,))
+    gone = msgspec.structs.replace(make_spec("S3", doctor="DR3", caps=(2,)),
+                                   slots=[SlotSpec(slot_id="0900", start="09:00", end="09:30",
+                                                   capacity=2)])
+    async with Engine.connect(redis_url, config()) as eng:
+        report = await import_sessions(eng, db, [spec, other, gone])
+        assert report.recovering == []
+        ids = []
+        for i in range(7):
+            h = await eng.hold("S1", "0800" if i < 2 else "0830", patient=f"p{i}",
+                               account=f"a{i}")
+            if isinstance(h, Held) and i < 4:
+                b = await eng.confirm(h.hold_id, f"pay{i}")
+                assert isinstance(b, Booked)
+                ids.append(b.booking_id)
+        await eng.cancel(ids[0])
+        w = await eng.join_waitlist("S2", patient="w1", account="aw")
+        assert not w.ok  # units free: no waitlist
+        await eng.suspend("S3", "doctor_stopped")
+        await q.set_session_status(db, "S3", "suspended")
+        writer = OutboxWriter(eng, db, WriterConfig(block_ms=20))
+        await asyncio.wait_for(writer.run(asyncio.Event(), burst=True), 30)
+        before = await _dump(eng)
+        pg_before = await db.fetch("SELECT * FROM bookings ORDER BY id")
+        audit = await run_audit(eng, db)
+        assert audit.ok and audit.rebuild_needed is False, audit.breaches
+        for _ in range(2):
+            reports = await rebuild(eng, db)
+            assert {r.session_id for r in reports} == {"S1", "S2", "S3"}
+            assert all(r.restored == 0 and not r.failed and not r.kept for r in reports)
+            after = await _dump(eng)
+            diff = {k: (before.get(k), after.get(k)) for k in set(before) | set(after)
+                    if before.get(k) != after.get(k)}
+            if diff and any(isinstance(v[0], tuple) and v[0][0] == "hash" for v in diff.values()):
+                diff = {k: {f: (b[1].get(f), a[1].get(f)) for f in set(b[1]) | set(a[1])
+                            if b[1].get(f) != a[1].get(f)}
+                        for k, (b, a) in diff.items() if b and a and b[0] == "hash"}
+            assert not diff
+        assert await db.fetch("SELECT * FROM bookings ORDER BY id") == pg_before
+
+
+async def test_a_wiped_redis_sells_nothing_until_the_rebuild_and_then_as_before(
+        fresh_redis: Any, redis_url: str, db: asyncpg.Pool) -> None:
+    """Redis lost everything: the partitions PostgreSQL knows answer
+    `recovering` (audit: rebuild needed), an import does not reopen them, and
+    the rebuilt session answers exactly like the original (pools, waitlist)."""
+    from engine.schedule_import import import_sessions
+
+    base = make_spec("S1", caps=(3,))
+    spec = msgspec.structs.replace(
+        base, waitlist_ttl_ms=60_000, waitlist_max=5,
+        slots=[msgspec.structs.replace(base.slots[0], pools={"phone": 1})])
+    async with Engine.connect(redis_url, config()) as eng:
+        await import_sessions(eng, db, [spec])
+        h = await eng.hold("S1", "0800", patient="p1", account="a1")
+        assert isinstance(h, Held) and isinstance(await eng.confirm(h.hold_id, "pay"), Booked)
+        writer = OutboxWriter(eng, db, WriterConfig(block_ms=20))
+        await asyncio.wait_for(writer.run(asyncio.Event(), burst=True), 30)
+        avail_app = await eng.availability("S1")
+        avail_phone = await eng.availability("S1", "phone")
+        await eng.client.flushall()
+    async with Engine.connect(redis_url, config()) as eng:  # a fresh process
+        audit = await run_audit(eng, db)
+        assert not audit.ok and audit.rebuild_needed
+        assert [c.state for c in audit.recovery] == ["lost"]
+        report = await import_sessions(eng, db, [spec])  # the scheduler's re-import
+        assert report.recovering == ["S1"]
+        r = await eng.hold("S1", "0800", patient="p2", account="a2")
+        assert isinstance(r, Refused) and r.reason is Reason.RECOVERING
+        reports = await rebuild(eng, db)
+        assert [(x.session_id, x.restored) for x in reports] == [("S1", 1)]
+        assert await eng.availability("S1") is not None
+        got_app, got_phone = await eng.availability("S1"), await eng.availability("S1", "phone")
+        assert got_app is not None and avail_app is not None and avail_phone is not None
+        assert got_app.slots == avail_app.slots and got_phone == avail_phone
+        assert (await run_audit(eng, db)).ok
+        # The waitlist works as before: sold out to the app channel, then a join.
+        h2 = await eng.hold("S1", "0800", patient="p2", account="a2")
+        assert isinstance(h2, Held)
+        assert (await eng.join_waitlist("S1", patient="p3", account="a3")).ok
+
+
+async def test_the_writer_closes_a_partition_whose_redis_lost_its_newest_writes(
+        db: asyncpg.Pool) -> None:
+    """A lost tail (Redis restarted on an older copy of its AOF, as after a
+    power cut with everysec or a failover to a lagging replica): the marker
+    survived, but the outbox lost entries PostgreSQL committed. The writer
+    closes the partition before it reads on, the audit says a rebuild is
+    needed, and after `rebuild` every booking PostgreSQL has is back."""
+    import shutil
+
+    from engine.schedule_import import import_sessions
+    from engine.servers import RedisServer
+
+    spec = make_spec("S1", caps=(20,))
+    redis = RedisServer(appendonly=True, appendfsync="always")
+    redis.start()
+    try:
+        async with Engine.connect(redis.url, config()) as eng:
+            await import_sessions(eng, db, [spec])
+            acked = []
+            for i in range(5):
+                h = await eng.hold("S1", "0800", patient=f"p{i}", account=f"a{i}")
+                assert isinstance(h, Held)
+                b = await eng.confirm(h.hold_id, "pay")
+                assert isinstance(b, Booked)
+                acked.append(b.booking_id)
+            writer = OutboxWriter(eng, db, WriterConfig(block_ms=20))
+            await asyncio.wait_for(writer.run(asyncio.Event(), burst=True), 30)
+            old = redis.dir / "aof-copy"
+            shutil.copytree(redis.dir / "appendonlydir", old)
+            for i in range(5, 9):
+                h = await eng.hold("S1", "0800", patient=f"p{i}", account=f"a{i}")
+                assert isinstance(h, Held)
+                b = await eng.confirm(h.hold_id, "pay")
+                assert isinstance(b, Booked)
+                acked.append(b.booking_id)
+            await asyncio.wait_for(writer.run(asyncio.Event(), burst=True), 30)
+            await asyncio.to_thread(redis.kill)
+            shutil.rmtree(redis.dir / "appendonlydir")
+            shutil.copytree(old, redis.dir / "appendonlydir")
+            await asyncio.to_thread(redis.restart)
+            ref = await eng.ref("S1")
+            assert ref is not None
+            assert await eng.partition_epoch(ref.partition) is not None  # the marker survived
+            # ... and the old state would sell units PostgreSQL has booked:
+            before = await eng.audit("S1")
+            assert before.booked == 5
+            w = OutboxWriter(eng, db, WriterConfig(block_ms=20))
+            await asyncio.wait_for(w.run(asyncio.Event(), burst=True), 30)
+            assert w.closed == [ref.partition]
+            r = await eng.hold("S1", "0800", patient="late", account="al")
+            assert isinstance(r, Refused) and r.reason is Reason.RECOVERING
+            audit = await run_audit(eng, db)
+            assert audit.rebuild_needed and not audit.ok
+            reports = await rebuild(eng, db)
+            assert reports[0].restored == 4 and not reports[0].failed
+            after = await eng.audit("S1")
+            assert after.ok and set(after.booked_units) == set(acked)
+            assert (await run_audit(eng, db)).ok
+            h = await eng.hold("S1", "0800", patient="late", account="al")
+            assert isinstance(h, Held) and h.unit not in after.booked_units.values()
+    finally:
+        redis.cleanup()

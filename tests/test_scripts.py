@@ -12,6 +12,7 @@ from engine import Booked, Cancelled, Engine, Held, Reason, Refused, Released
 from engine.engine import ScriptError
 from engine.keys import PartitionKeys
 from engine.model import parse_session
+from engine.outcomes import Restore, Suspended
 from tests.enginekit import config, make_spec, now_ms
 
 
@@ -145,8 +146,9 @@ async def test_load_script_rejects_bad_arguments_without_writing(eng: Engine, bo
     with pytest.raises(ScriptError):
         await eng.runner.run(
             "loadSession",
-            [f"{k.records}x", f"{k.records}f", f"{k.records}u", f"{k.records}d", k.sessions],
-            ["S1", body],
+            [f"{k.records}x", f"{k.records}f", f"{k.records}u", f"{k.records}d", k.sessions,
+             k.epoch],
+            ["S1", body, "e1"],
         )
     assert await eng.client.dbsize() == 0
 
@@ -517,14 +519,93 @@ async def test_audit_reports_a_breach(eng: Engine) -> None:
     assert not audit.ok and any("both free and in use" in b for b in audit.breaches)
 
 
-async def test_has_answer_tells_a_retry_from_a_new_request(eng: Engine) -> None:
+async def test_remember_refusal_stores_a_cached_sold_out_under_the_key(eng: Engine) -> None:
+    """A worker answered a keyed hold "sold out" from its cache: the answer is
+    stored under the key, so the retry gets it again even when a unit came
+    back meanwhile; a key that already has an answer gets that answer."""
     await eng.load_session(make_spec(caps=(1,)))
-    assert not await eng.has_answer("S1", "a1", "k1")
     h = await eng.hold("S1", "0800", patient="p1", account="a1", idempotency_key="k1")
     assert isinstance(h, Held)
-    assert await eng.has_answer("S1", "a1", "k1")
-    assert not await eng.has_answer("S1", "a2", "k1")
-    assert not await eng.has_answer("NOPE", "a1", "k1")
+    r = await eng.remember_refusal("S1", "0800", patient="p2", account="a2", idempotency_key="k2")
+    assert isinstance(r, Refused) and r.reason is Reason.SOLD_OUT and not r.replay
+    assert isinstance(await eng.release(h.hold_id), Released)  # the unit comes back ...
+    again = await eng.hold("S1", "0800", patient="p2", account="a2", idempotency_key="k2")
+    assert isinstance(again, Refused) and again.reason is Reason.SOLD_OUT and again.replay
+    # ... a key that already has an answer (a hold) keeps it
+    h3 = await eng.hold("S1", "0800", patient="p3", account="a3", idempotency_key="k3")
+    assert isinstance(h3, Held)
+    same = await eng.remember_refusal("S1", "0800", patient="p3", account="a3",
+                                      idempotency_key="k3")
+    assert isinstance(same, Held) and same.hold_id == h3.hold_id and same.replay
+    # ... and the key of another request is refused
+    other = await eng.remember_refusal("S1", "0830", patient="p3", account="a3",
+                                       idempotency_key="k3")
+    assert isinstance(other, Refused) and other.reason is Reason.IDEMPOTENCY_MISMATCH
+    ref = await eng.ref("S1")
+    assert ref is not None
+    key = PartitionKeys(ref.partition).idempotency("a9", "k9")
+    before = await dump(eng)
+    for args in (["S1", "0800", "p", -1, 1000, 0], ["S1", "0800", "p", -2, 0, 0],
+                 ["", "0800", "p", -2, 1000, 0], ["S1", "0800", "p", "x", 1000, 0]):
+        with pytest.raises(ScriptError):
+            await eng.runner.run("rememberRefusal", [key], args)
+    assert await dump(eng) == before
+
+
+async def test_nothing_sells_or_changes_while_the_partition_is_recovering(eng: Engine) -> None:
+    """Without its recovery marker a partition answers ``recovering`` to every
+    decision that sells or changes a record, and nothing changes; a restore
+    (what a rebuild runs) and a suspension still work."""
+    await eng.load_session(make_spec("S1", caps=(3,), hold_ttl_ms=1000))
+    await eng.load_session(make_spec("S2", doctor="DR2", caps=(3,)))
+    ref = await eng.ref("S1")
+    assert ref is not None
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    b = await eng.hold("S1", "0800", patient="p2", account="a2")
+    assert isinstance(h, Held) and isinstance(b, Held)
+    assert isinstance(await eng.confirm(b.hold_id, "pay"), Booked)
+    epoch = await eng.partition_epoch(ref.partition)
+    assert epoch is not None
+    await eng.close_partition(ref.partition)
+    before = await dump(eng)
+    eng.config.clock_offset_ms = 5_000  # the hold has expired: even the sweeper waits
+    outcomes = [
+        await eng.hold("S1", "0800", patient="p3", account="a3"),
+        await eng.confirm(h.hold_id, "pay"),
+        await eng.release(h.hold_id),
+        await eng.cancel(b.hold_id),
+    ]
+    assert all(isinstance(o, Refused) and o.reason is Reason.RECOVERING for o in outcomes), outcomes
+    assert await eng.sweep() == 0
+    avail = await eng.availability("S1")
+    assert avail is not None and avail.status == "recovering"
+    assert await dump(eng) == before
+    # A reload keeps the partition closed unless asked to open it.
+    loaded = await eng.load_session(make_spec("S1", caps=(3,), hold_ttl_ms=1000),
+                                    open_partition=False)
+    assert not loaded.open and await eng.partition_epoch(ref.partition) is None
+    assert isinstance(await eng.suspend("S2"), Suspended)  # closing stays possible
+    await eng.open_partition(ref.partition, epoch)
+    late = await eng.confirm(h.hold_id, "pay")
+    assert isinstance(late, Booked) and late.late
+
+
+async def test_restore_never_revives_a_record_redis_ended(eng: Engine) -> None:
+    """PostgreSQL may lag: a booking it still calls booked that Redis holds as
+    cancelled (the cancel's event not yet written) stays cancelled, and its
+    unit stays with whoever took it since."""
+    await eng.load_session(make_spec(caps=(2,)))
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held)
+    b = await eng.confirm(h.hold_id, "pay")
+    assert isinstance(b, Booked)
+    assert isinstance(await eng.cancel(b.booking_id), Cancelled)
+    other = await eng.hold("S1", "0800", patient="p2", account="a2")
+    assert isinstance(other, Held) and other.unit == b.unit
+    before = await dump(eng)
+    got = await _restore(eng, b.booking_id, b.unit, pat="p1")
+    assert got is Restore.KEPT_CANCELLED
+    assert await dump(eng) == before
 
 
 # -- binding mirror (readBinding / writeBinding) -----------------------------------
@@ -657,12 +738,12 @@ async def test_restore_booking_every_outcome(eng: Engine) -> None:
     part = ref.partition
     # A free unit: restored, and new ids stay above the restored one.
     big = f"{part}.S1.{now_ms() * 1000 + 10**9}"
-    assert await _restore(eng, big, 4) is True
-    assert await _restore(eng, big, 4) is False  # already there
+    assert await _restore(eng, big, 4) is Restore.RESTORED
+    assert await _restore(eng, big, 4) is Restore.ALREADY  # already there
     h = await eng.hold("S1", "0800", patient="p1", account="a1")
     assert isinstance(h, Held) and int(h.hold_id.rsplit(".", 1)[1]) > int(big.rsplit(".", 1)[1])
     # The unit still held by this very hold (its confirmation lost): booked now.
-    assert await _restore(eng, h.hold_id, h.unit, pat="p1") is True
+    assert await _restore(eng, h.hold_id, h.unit, pat="p1") is Restore.RESTORED
     rec = await eng.record(h.hold_id)
     assert rec is not None and rec["st"] == "b"
     assert await eng.client.zscore(ref.keys.deadlines, h.hold_id) is None  # no expiry now
@@ -670,7 +751,7 @@ async def test_restore_booking_every_outcome(eng: Engine) -> None:
     other = await eng.hold("S1", "0800", patient="p2", account="a2")
     assert isinstance(other, Held)
     winner = f"{part}.S1.{now_ms() * 1000 + 2 * 10**9}"
-    assert await _restore(eng, winner, other.unit, pat="p3") is True
+    assert await _restore(eng, winner, other.unit, pat="p3") is Restore.RESTORED
     gone = await eng.record(other.hold_id)
     assert gone is not None and gone["st"] == "x" and gone["rsn"] == "displaced"
     late = await eng.confirm(other.hold_id, "pay-late")  # its payment finds another unit

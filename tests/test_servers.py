@@ -28,6 +28,8 @@ from engine.servers import (
 )
 from tests.faultproxy import FaultProxy, ThreadedFaultProxy
 
+pytestmark = pytest.mark.slow
+
 
 def _no_retry_async() -> Any:
     from redis.asyncio.retry import Retry

@@ -13,12 +13,15 @@ from typing import Any
 
 import hypothesis.strategies as st
 import msgspec
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from engine import Booked, Cancelled, Engine, Held, Reason, Refused, Released, Waitlisted
 from engine.model import SessionSpec, SlotSpec
 from tests.enginekit import config
+
+pytestmark = pytest.mark.slow
 
 TTL = 60_000  # far beyond a test's real duration: only the clock offset expires holds
 WL_TTL = 90_000

@@ -124,6 +124,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.slow
 async def test_writer_killed_between_commit_and_ack(eng: Engine, db: asyncpg.Pool,
                                                      fresh_pg_dsn: str, redis_url: str) -> None:
     await eng.load_session(make_spec("S1", caps=(120,)))
@@ -150,6 +151,7 @@ async def test_writer_killed_between_commit_and_ack(eng: Engine, db: asyncpg.Poo
     assert (await outbox_lag(eng.client)).pending == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_postgres_down_during_confirmations_nothing_lost(eng: Engine) -> None:
     pg = PostgresServer()
@@ -183,6 +185,7 @@ async def test_postgres_down_during_confirmations_nothing_lost(eng: Engine) -> N
         pg.cleanup()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_redis_kill9_during_confirmations_loses_no_acknowledged_booking(
     fresh_pg_dsn: str,
@@ -247,6 +250,7 @@ def _lose_aof_tail(redis: RedisServer, keep: float) -> None:
     incr.write_bytes(data[: int(len(data) * keep)])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("loss", ["kill9", "lost-tail"])
 async def test_redis_kill9_everysec_rebuilt_before_reopening_no_unit_twice(
@@ -323,3 +327,37 @@ async def test_redis_kill9_everysec_rebuilt_before_reopening_no_unit_twice(
             assert {bid for bid in acked if bid in pg_ids}, "acknowledged bookings survived"
     finally:
         redis.cleanup()
+
+
+async def test_trim_never_drops_an_entry_a_consumer_group_has_not_acknowledged(
+        eng: Engine, db: asyncpg.Pool) -> None:
+    """The outbox does not trim itself (no MAXLEN in the scripts): the writer
+    trims below the oldest entry any group still needs. Entries pending in
+    another group (a consumer that is behind) and undelivered ones stay."""
+    await eng.load_session(make_spec("S1", caps=(50,)))
+    ref = await eng.ref("S1")
+    assert ref is not None
+    stream = PartitionKeys(ref.partition).outbox
+    await eng.client.xgroup_create(stream, "notifier", id="0", mkstream=True)
+    await book_many(eng, "S1", 10)
+    # The notifier reads five entries and acknowledges none of them.
+    got = await eng.client.xreadgroup("notifier", "n1", {stream: ">"}, count=5)
+    slow_first = got[0][1][0][0]
+    w = OutboxWriter(eng, db, WriterConfig(block_ms=20, retain_ms=0))
+    await asyncio.wait_for(w.run(asyncio.Event(), burst=True), 30)
+    assert await eng.client.xlen(stream) == 10
+    assert await w.trim() == 0  # the notifier still needs its first entry
+    assert (await eng.client.xrange(stream, count=1))[0][0] == slow_first
+    entries = await eng.client.xrange(stream)
+    await eng.client.xack(stream, "notifier", *[e[0] for e in entries[:5]])
+    await eng.client.xreadgroup("notifier", "n1", {stream: ">"}, count=100)
+    await eng.client.xack(stream, "notifier", *[e[0] for e in entries[5:]])
+    assert await w.trim() == 9
+    left = await eng.client.xrange(stream)
+    assert [e[0] for e in left] == [entries[-1][0]]  # the last delivered entry stays
+    await book_many(eng, "S1", 3, prefix="more")  # undelivered entries are never trimmed
+    assert await w.trim() == 0
+    assert await eng.client.xlen(stream) == 4
+    w2 = await drain(eng, db)
+    assert w2.written == 3
+    assert await db.fetchval("SELECT count(*) FROM bookings") == 13

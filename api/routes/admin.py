@@ -21,6 +21,7 @@ from api.trail import record
 from engine.model import SessionSpec
 from engine.outcomes import Loaded, Refused, SlotLoad
 from engine.rules import HospitalRules, apply_rules, load_rules
+from engine.schedule_import import import_loaded
 from engine.store import queries as q
 
 
@@ -117,14 +118,14 @@ class AdminController(Controller):
             except ValueError:
                 raise ProblemError.of("invalid-input", f"session {s.session_id}: no such date",
                                       instance=request.scope["path"]) from None
-        stored = [q.StoredSession.from_spec(s) for s in data]
         try:
-            async with api.pool.acquire() as conn:
-                await q.upsert_schedule(conn, stored)
+            loaded = await import_loaded(api.engine, api.pool, data)
         except q.ScheduleConflict as exc:
             raise ProblemError.of("schedule-conflict", str(exc),
                                   instance=request.scope["path"]) from None
-        loaded = [await api.engine.load_session(s) for s in data]
+        except ValueError as exc:  # duplicate session ids
+            raise ProblemError.of("invalid-input", str(exc),
+                                  instance=request.scope["path"]) from None
         await record(request, "sessions.import", None, sessions=[s.session_id for s in data],
                      apply_rules=with_rules)
         for s in data:

@@ -19,9 +19,9 @@ from api.context import Api, api_of
 from api.docs import ACCOUNT, errors
 from api.guards import account_of, account_required
 from api.problems import json_response, refused
-from api.routes.holds import not_found, own_record, shed
+from api.routes.holds import not_found, own_record, recovering_or_not_found, shed
 from api.schemas import HOLD_ID_RE, BookingOut, CancelledOut
-from engine.outcomes import Refused
+from engine.outcomes import Reason, Refused
 from engine.rules import check_ban
 from engine.store import queries as q
 
@@ -114,6 +114,8 @@ class BookingController(Controller):
             api.admission.leave()
         if isinstance(out, Refused):
             api.metrics.decision("cancel", out.reason.value)
+            if out.reason is Reason.NOT_FOUND:
+                raise await recovering_or_not_found(api, booking_id, path, "booking")
             return refused(out, path)
         api.metrics.decision("cancel", "cancelled")
         api.soldout.clear(booking_id.split(".")[1])

@@ -4,10 +4,11 @@ POST /v1/holds is the release-morning hot path. In order, cheapest first:
 
 1. "not open yet" from the release instant Redis told this worker, and the
    locally estimated Redis time (no Redis call);
-2. "sold out" from this worker's sold-out cache (no Redis call) — only for
-   requests without an Idempotency-Key, and keyed ones with no stored
-   answer (Engine.has_answer, batched): a keyed request may be the retry of
-   a hold whose answer was lost, and Redis holds its first answer;
+2. "sold out" from this worker's sold-out cache (no Redis call) for
+   requests without an Idempotency-Key; a keyed request's cached sold-out
+   is stored under its key first (Engine.remember_refusal: one tiny script,
+   batched, after step 3), or its stored answer is returned if it has one,
+   so a key gets the same answer on every worker, however often it is retried;
 3. the token's revocation and the patient ref, one batched Redis read
    (``Api.patient_access``; PostgreSQL only when the binding mirror misses):
    401 for a revoked token, 404 for a patient not the account's, 403
@@ -15,9 +16,10 @@ POST /v1/holds is the release-morning hot path. In order, cheapest first:
 4. admission: above ``max_inflight`` engine calls in flight, 429 at once;
 5. one engine call (one Lua script, batched with concurrent calls).
 
-Steps 1 and 2 answer from this worker's caches what the public availability
-endpoint would tell anyone; every answer that reads or changes anything of
-an account's (from step 3 on) sees a revoked token at once.
+The not-open and unkeyed sold-out answers come from this worker's caches
+and tell what the public availability endpoint tells anyone; every answer
+that reads or changes anything of an account's (step 3 on, keyed sold-outs
+included) sees a revoked token at once.
 """
 
 from __future__ import annotations
@@ -59,10 +61,25 @@ def not_found(path: str, what: str) -> ProblemError:
     return ProblemError.of("not-found", f"no such {what}", instance=path)
 
 
+async def recovering_or_not_found(api: Api, record_id: str, path: str, what: str
+                                  ) -> ProblemError:
+    """A record Redis does not have: 503 ``recovering`` if its partition lost
+    its state (a rebuild will bring it back), else 404."""
+    if HOLD_ID_RE.fullmatch(record_id) and await api.recovering(int(record_id.split(".")[0])):
+        return ProblemError(refused(recovering_now(api), path))
+    return not_found(path, what)
+
+
+def recovering_now(api: Api) -> Refused:
+    return Refused(Reason.RECOVERING, api.clock.now_ms(), MESSAGES[Reason.RECOVERING])
+
+
 async def own_record(api: Api, record_id: str, account: str, path: str) -> dict[str, Any]:
     """The account's own hold or booking record; anything else is a 404."""
     rec = None if not HOLD_ID_RE.fullmatch(record_id) else await api.engine.record(record_id)
-    if rec is None or rec.get("acct") != account:
+    if rec is None:
+        raise await recovering_or_not_found(api, record_id, path, "hold or booking")
+    if rec.get("acct") != account:
         raise not_found(path, "hold or booking")
     return rec
 
@@ -97,12 +114,8 @@ async def decide_hold(
             m.decision("hold", "not-open-cached")
             return problem(_NOT_OPEN, MESSAGES[Reason.NOT_OPEN], instance=path,
                            server_ms=now, release_at_ms=release_at)
-    if api.soldout.hit(sid, slot) and (
-        idempotency_key is None
-        # A keyed request may retry a hold whose 201 was lost: only one with
-        # no stored answer (one GET, no script) is answered from the cache.
-        or not await api.engine.has_answer(sid, account, idempotency_key)
-    ):
+    cached_sold_out = api.soldout.hit(sid, slot)
+    if cached_sold_out and idempotency_key is None:
         m.decision("hold", "sold-out-cached")
         return problem(_SOLD_OUT, MESSAGES[Reason.SOLD_OUT], instance=path,
                        server_ms=api.clock.now_ms())
@@ -113,8 +126,14 @@ async def decide_hold(
         return shed(api, "hold", path)
     t0 = time.perf_counter()
     try:
-        out = await api.engine.hold(sid, slot, patient=patient, account=account,
-                                    idempotency_key=idempotency_key)
+        if cached_sold_out and idempotency_key is not None:
+            # The same answer for the key everywhere: store the sold-out under
+            # it, or get the answer it already has (a retry).
+            out = await api.engine.remember_refusal(sid, slot, patient=patient, account=account,
+                                                    idempotency_key=idempotency_key)
+        else:
+            out = await api.engine.hold(sid, slot, patient=patient, account=account,
+                                        idempotency_key=idempotency_key)
     finally:
         api.admission.leave()
         m.engine_call("hold", time.perf_counter() - t0)
@@ -123,11 +142,15 @@ async def decide_hold(
         body = HoldOut(out.hold_id, out.session_id, out.slot_id, out.unit,
                        out.expires_at_ms, out.server_ms, out.replay)
         return json_response(_encode(body), 201, _REPLAYED if out.replay else None)
-    if out.reason is Reason.SOLD_OUT:
+    if out.reason is Reason.SOLD_OUT and not out.replay:  # a replay tells nothing new
         api.soldout.mark(sid, slot)
     elif out.reason is Reason.NOT_OPEN and out.release_at_ms is not None:
         api.release_times.set(sid, out.release_at_ms)
-    m.decision("hold", out.reason.value)
+    elif out.reason is Reason.NOT_FOUND and out.what == "session" \
+            and await api.session_recovering(sid):
+        out = recovering_now(api)
+    cached_keyed = cached_sold_out and out.reason is Reason.SOLD_OUT and not out.replay
+    m.decision("hold", "sold-out-cached-keyed" if cached_keyed else out.reason.value)
     return refused(out, path)
 
 
@@ -183,6 +206,8 @@ class HoldController(Controller):
             api.admission.leave()
         if isinstance(out, Refused):
             api.metrics.decision("release", out.reason.value)
+            if out.reason is Reason.NOT_FOUND:
+                raise await recovering_or_not_found(api, hold_id, path, "hold")
             return refused(out, path)
         api.metrics.decision("release", "released")
         api.soldout.clear(hold_id.split(".")[1])  # a unit came back
@@ -203,7 +228,7 @@ class HoldController(Controller):
         path: str = request.scope["path"]
         rec = None if not HOLD_ID_RE.fullmatch(hold_id) else await api.engine.record(hold_id)
         if rec is None:
-            raise not_found(path, "hold")
+            raise await recovering_or_not_found(api, hold_id, path, "hold")
         log.info("payment_callback", hold_id=hold_id, payment_ref=data.payment_ref,
                  amount=data.amount)
         fee = rec.get("fee")

@@ -112,6 +112,8 @@ class StoredSession(msgspec.Struct, frozen=True, kw_only=True):
     dept_name: str | None = None
     doctor_name: str | None = None
     doctor_title: str | None = None
+    #: The ``SessionSpec`` as loaded (JSON), so a rebuild loads it again as it was.
+    spec_json: str | None = None
 
     @property
     def partition(self) -> int:
@@ -135,6 +137,7 @@ class StoredSession(msgspec.Struct, frozen=True, kw_only=True):
             cancel_before_ms=spec.cancel_before_ms,
             hold_ttl_ms=spec.hold_ttl_ms,
             scope=spec.scope,
+            spec_json=msgspec.json.encode(spec).decode(),
             **names,
         )
 
@@ -191,11 +194,13 @@ async def upsert_schedule(conn: Connection, sessions: Sequence[StoredSession]) -
         )
         await conn.executemany(
             "INSERT INTO sessions (id, hospital_id, dept_id, doctor_id, date, period, fee_cents,"
-            " release_at, cutoff_at, starts_at, cancel_before_ms, hold_ttl_ms, scope, partition)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+            " release_at, cutoff_at, starts_at, cancel_before_ms, hold_ttl_ms, scope, partition,"
+            " spec)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb)"
             " ON CONFLICT (id) DO UPDATE SET hospital_id = $2, period = $6, fee_cents = $7,"
             " release_at = $8, cutoff_at = $9, starts_at = $10, cancel_before_ms = $11,"
-            " hold_ttl_ms = $12, scope = $13, partition = $14, updated_at = now()",
+            " hold_ttl_ms = $12, scope = $13, partition = $14,"
+            " spec = coalesce($15::jsonb, sessions.spec), updated_at = now()",
             [
                 (
                     s.session_id,
@@ -212,6 +217,7 @@ async def upsert_schedule(conn: Connection, sessions: Sequence[StoredSession]) -
                     s.hold_ttl_ms,
                     s.scope,
                     s.partition,
+                    s.spec_json,
                 )
                 for s in sessions
             ],

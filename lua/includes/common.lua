@@ -19,6 +19,7 @@ local CANCEL_DEADLINE = -11
 local BANNED = -12
 local LIMIT_REACHED = -13
 local WAITLIST_FULL = -14
+local RECOVERING = -15
 
 -- A session's free units sit in one sorted set with score
 --   slot index * SLOT_BASE + pool * POOL_BASE + queue number,
@@ -73,7 +74,7 @@ local function lowest_free(free_key, idx, pools)
   return unit, score
 end
 
--- The session key bundle: every mutating session script takes these eleven
+-- The session key bundle: every mutating session script takes these twelve
 -- KEYS first, in this order (engine.keys.SessionKeys.bundle builds them).
 --   1 meta  hy:{p}:s:<sid>      session hash
 --   2 free  hy:{p}:f:<sid>      free units (zset, score as above)
@@ -86,10 +87,21 @@ end
 --   9 rule  hy:{p}:r:...        patient -> active id, per department-day or doctor-day
 --  10 outbox hy:{p}:outbox      the partition's outbox stream
 --  11 seq   hy:{p}:seq          id sequence
+--  12 epoch hy:{p}:epoch        the partition's recovery marker (see below)
 local function bundle()
   return {meta = KEYS[1], free = KEYS[2], units = KEYS[3], dl = KEYS[4], wait = KEYS[5],
           quar = KEYS[6], recs = KEYS[7], pdl = KEYS[8], rule = KEYS[9], outbox = KEYS[10],
-          seq = KEYS[11]}
+          seq = KEYS[11], epoch = KEYS[12]}
+end
+
+-- The recovery marker: present while Redis's state of the partition is whole.
+-- Redis loses it with its data (a wipe); `haoyuan rebuild` deletes it while
+-- it rebuilds and sets it again when done, and the writer deletes it when it
+-- finds that Redis lost writes PostgreSQL had seen (a lost AOF tail, a
+-- failover to a lagging replica). While it is absent every decision that
+-- sells or changes a record answers RECOVERING and changes nothing.
+local function recovering(k)
+  return rcall('EXISTS', k.epoch) == 0
 end
 
 -- The session's settings that returns and offers depend on, read in one
@@ -133,9 +145,12 @@ local function drop_rule(rule_key, rec)
   end
 end
 
+-- The outbox never trims itself: a MAXLEN here could drop an entry the
+-- writer has not written yet. The writer trims each stream below the oldest
+-- entry any consumer group still needs (engine.writer.OutboxWriter.trim).
 local function outbox(stream_key, event)
   event.v = 1
-  return rcall('XADD', stream_key, 'MAXLEN', '~', '1000000', '*', 'e', cjson.encode(event))
+  return rcall('XADD', stream_key, '*', 'e', cjson.encode(event))
 end
 
 local function event_of(kind, rec, now, reason)

@@ -6,11 +6,11 @@
   write.
 
   Input:
-    KEYS[1..11] the session key bundle (includes/common.lua: meta, free,
-                units, dl, wait, quar, recs, pdl, rule, outbox, seq)
-    KEYS[12] idempotency key       hy:{p}:i:<account>:<key>
-    KEYS[13] account rate key      hy:{p}:rl:a:<account>
-    KEYS[14] patient rate key      hy:{p}:rl:p:<patient>
+    KEYS[1..12] the session key bundle (includes/common.lua: meta, free,
+                units, dl, wait, quar, recs, pdl, rule, outbox, seq, epoch)
+    KEYS[13] idempotency key       hy:{p}:i:<account>:<key>
+    KEYS[14] account rate key      hy:{p}:rl:a:<account>
+    KEYS[15] patient rate key      hy:{p}:rl:p:<patient>
     ARGV[1]  session id
     ARGV[2]  slot id
     ARGV[3]  patient ref (keyed hash, never a raw ID number)
@@ -26,7 +26,9 @@
     ARGV[14] random number in [0, 1) (anti-scalper delay of reclaimed units)
     ARGV[15] request id (kept on the record: the patient-wide reservation)
   Output: JSON {o = OK, id, sid, slot, unit, dl, now} or a refusal
-          {o = code, now, ...}; a replay carries rp = 1.
+          {o = code, now, ...}; a replay carries rp = 1. RECOVERING (the
+          partition's marker is gone), RATE_LIMITED and NOT_OPEN say "come
+          back later" and are never remembered under the idempotency key.
 ]]
 -- @include common
 -- @include gcra
@@ -53,7 +55,7 @@ local now = server_now(ARGV[12])
 local fingerprint = sid .. '|' .. slot .. '|' .. pat
 
 -- 1. Idempotency: a retry returns the first answer and changes nothing.
-local stored = rcall('GET', KEYS[12])
+local stored = rcall('GET', KEYS[13])
 if stored then
   local cut = string.find(stored, '\n', 1, true)
   if string.sub(stored, 1, cut - 1) ~= fingerprint then
@@ -65,22 +67,26 @@ local remember_refusals = ARGV[13] == '1'
 local function remember(tbl)
   local body = reply(tbl)
   if tbl.o ~= OK and not remember_refusals then return body end
-  rcall('SET', KEYS[12], fingerprint .. '\n' .. body, 'PX', idem_ttl)
+  rcall('SET', KEYS[13], fingerprint .. '\n' .. body, 'PX', idem_ttl)
   return body
 end
 
--- 2. Rate limits (GCRA), account and patient, checked before any write.
-local a_retry, a_tat = gcra_check(KEYS[13], now, a_int, a_burst)
-local p_retry, p_tat = gcra_check(KEYS[14], now, p_int, p_burst)
+-- 2. Nothing sells while the partition is recovering (its marker is gone):
+--    a "come back later" answer, never remembered under the key.
+local k = bundle()
+if recovering(k) then return reply({o = RECOVERING, now = now}) end
+
+-- 3. Rate limits (GCRA), account and patient, checked before any write.
+local a_retry, a_tat = gcra_check(KEYS[14], now, a_int, a_burst)
+local p_retry, p_tat = gcra_check(KEYS[15], now, p_int, p_burst)
 if a_retry > 0 or p_retry > 0 then
   return reply({o = RATE_LIMITED, now = now, retry_ms = math.max(a_retry, p_retry),
                 who = (a_retry >= p_retry) and 'account' or 'patient'})
 end
-gcra_commit(KEYS[13], now, a_tat)
-gcra_commit(KEYS[14], now, p_tat)
+gcra_commit(KEYS[14], now, a_tat)
+gcra_commit(KEYS[15], now, p_tat)
 
--- 3. The session and its window: release instant, cut-off, night closure.
-local k = bundle()
+-- 4. The session and its window: release instant, cut-off, night closure.
 local cfg, x = settings(k, 'release_ms', 'i:' .. slot, 'night_from_min', 'night_to_min', 'tz_min')
 if cfg.status == false then return remember({o = NOT_FOUND, now = now, what = 'session'}) end
 if x[2] == false then return remember({o = NOT_FOUND, now = now, what = 'slot'}) end
@@ -104,18 +110,18 @@ if nf ~= nt then
   end
 end
 
--- 4. Expired holds and delayed units of this session go back first (bounded):
+-- 5. Expired holds and delayed units of this session go back first (bounded):
 --    to the waitlist head if someone waits, never to this grabber first.
 reclaim(k, cfg, now, reclaim_limit, rnd)
 requeue(k, cfg, now, reclaim_limit)
 
--- 5. One active hold or booking per patient per department-day (or doctor-day).
+-- 6. One active hold or booking per patient per department-day (or doctor-day).
 local prior = rcall('HGET', k.rule, pat)
 if prior and is_active(k.recs, prior, now) then
   return remember({o = DUPLICATE, now = now, existing = prior})
 end
 
--- 6. The lowest free queue number of the slot in the channel's pools (all
+-- 7. The lowest free queue number of the slot in the channel's pools (all
 --    pools once the pools have returned to the public).
 local pools = ALL_POOLS
 if not pools_returned(cfg, now) then

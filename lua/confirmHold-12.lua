@@ -8,7 +8,7 @@
   refund due" with a refund event. Never a unit twice. Idempotent by hold id.
 
   Input:
-    KEYS[1..11] the session key bundle (includes/common.lua)
+    KEYS[1..12] the session key bundle (includes/common.lua)
     ARGV[1] hold id
     ARGV[2] payment reference
     ARGV[3] time offset ms (tests only)
@@ -16,6 +16,7 @@
   Output: JSON {o = OK, id, sid, slot, unit, now, late, pat, rq} |
           {o = EXPIRED, id, now, reason} (refund due) | {o = NOT_FOUND} |
           {o = INVALID_STATE, st}; a replay carries rp = 1.
+          | {o = RECOVERING} while the partition is recovering
 ]]
 -- @include common
 -- @include reclaim
@@ -27,6 +28,7 @@ if not pay or pay == '' or #pay > 128 then return bad('payment reference must be
 if rnd == nil or rnd < 0 or rnd >= 1 then return bad('random must be in [0, 1)') end
 local now = server_now(ARGV[3])
 local k = bundle()
+if recovering(k) then return reply({o = RECOVERING, now = now}) end
 local rec = get_rec(k.recs, id)
 if rec == nil then return reply({o = NOT_FOUND, now = now, what = 'hold'}) end
 

@@ -10,6 +10,7 @@
     KEYS[3] units in use hash   hy:{p}:u:<sid>
     KEYS[4] department-day set  hy:{p}:dd:<dept>:<date>
     KEYS[5] partition sessions  hy:{p}:sessions
+    KEYS[6] recovery marker     hy:{p}:epoch
     ARGV[1] session id
     ARGV[2] session JSON: {sid, hospital, dept, doctor, date, period, fee,
             release_ms, cutoff_ms, starts_ms, cancel_before_ms, hold_ttl_ms, scope,
@@ -18,7 +19,10 @@
             slots: [{id, start, end, cap, pools: {"1": n, "2": n, "3": n}}]}
             (pools: units of a NEW slot set aside for phone, window, referral;
             the rest are public; units added later are public)
-  Output: JSON {o, sid, created, slots: [{id, cap, requested}]}
+    ARGV[3] epoch: open the partition with this marker if it has none
+            ('' = leave it as it is: a partition that lost its data stays
+            closed until `haoyuan rebuild` reopens it)
+  Output: JSON {o, sid, created, open = 0|1, slots: [{id, cap, requested}]}
 ]]
 -- @include common
 -- @include capacity
@@ -65,6 +69,8 @@ for _, s in ipairs(m.slots) do
     end
   end
 end
+local epoch = ARGV[3] or ''
+if #epoch > 64 then return bad('epoch must be at most 64 bytes') end
 if m.night_from_min > 1440 or m.night_to_min > 1440 then return bad('night window is minutes of the day') end
 
 local cur = rcall('HMGET', KEYS[1], 'dept', 'doctor', 'date', 'slots', 'nextno')
@@ -88,22 +94,30 @@ local slots = {}
 if not created then slots = cjson.decode(cur[4]) end
 local index = {}
 for i, s in ipairs(slots) do index[s.id] = i end
+-- The slot list is rewritten only when it changes: a reload of the same
+-- session (a re-import, a rebuild) leaves every byte as it was.
+local slots_changed = created
 for _, s in ipairs(m.slots) do
   if index[s.id] == nil then
     slots[#slots + 1] = {id = s.id, start = s.start or '', ['end'] = s['end'] or ''}
     index[s.id] = #slots
+    slots_changed = true
   else
     local e = slots[index[s.id]]
+    if (s.start and s.start ~= e.start) or (s['end'] and s['end'] ~= e['end']) then
+      slots_changed = true
+    end
     e.start = s.start or e.start
     e['end'] = s['end'] or e['end']
   end
 end
+local slots_json = slots_changed and cjson.encode(slots) or cur[4]
 
 rcall('HSET', KEYS[1], 'sid', sid, 'hospital', m.hospital, 'dept', m.dept,
   'doctor', m.doctor, 'date', m.date, 'period', m.period, 'fee', m.fee,
   'release_ms', m.release_ms, 'cutoff_ms', m.cutoff_ms, 'starts_ms', m.starts_ms,
   'cancel_before_ms', m.cancel_before_ms, 'hold_ttl_ms', m.hold_ttl_ms,
-  'scope', m.scope, 'slots', cjson.encode(slots), 'waitlist_ttl_ms', m.waitlist_ttl_ms,
+  'scope', m.scope, 'slots', slots_json, 'waitlist_ttl_ms', m.waitlist_ttl_ms,
   'waitlist_max', m.waitlist_max, 'rerelease_ms', m.rerelease_ms,
   'pool_return_ms', m.pool_return_ms, 'night_from_min', m.night_from_min,
   'night_to_min', m.night_to_min, 'tz_min', m.tz_min)
@@ -111,6 +125,7 @@ rcall('HSETNX', KEYS[1], 'status', 'open')
 rcall('HSETNX', KEYS[1], 'nextno', 0)
 rcall('SADD', KEYS[4], sid)
 rcall('SADD', KEYS[5], sid)
+if epoch ~= '' then rcall('SET', KEYS[6], epoch, 'NX') end
 
 local out = {}
 for _, s in ipairs(m.slots) do
@@ -118,4 +133,4 @@ for _, s in ipairs(m.slots) do
   local applied = set_capacity(KEYS[1], KEYS[2], s.id, index[s.id], s.cap, s.pools)
   out[#out + 1] = {id = s.id, cap = applied, requested = s.cap}
 end
-return reply({o = OK, sid = sid, created = created, slots = out})
+return reply({o = OK, sid = sid, created = created, open = rcall('EXISTS', KEYS[6]), slots = out})

@@ -9,12 +9,16 @@
   another hold that PostgreSQL never saw paid, which PostgreSQL outranks: that
   hold ends (state x, reason "displaced") and the unit goes to the booking.
   A unit booked by another booking is a conflict: INVALID_STATE.
+  Redis may also know more than PostgreSQL: a record Redis holds as
+  cancelled, refunded or displaced is newer than a "booked" row whose later
+  events have not reached PostgreSQL yet; it is never turned back into a
+  booking (restored = 0, ended = its state).
 
   Input:
-    KEYS[1..11] the session key bundle (includes/common.lua)
+    KEYS[1..12] the session key bundle (includes/common.lua)
     ARGV[1] booking JSON {id, sid, slot, unit, pat, acct, fee, pay, bt}
     ARGV[2] time offset ms (tests only)
-  Output: JSON {o = OK, restored = 0|1} | {o = INVALID_STATE, holder}
+  Output: JSON {o = OK, restored = 0|1, ended?} | {o = INVALID_STATE, holder}
           (the unit is booked by another record) | {o = NOT_FOUND, what}
 ]]
 -- @include common
@@ -26,6 +30,10 @@ if not okj or type(b) ~= 'table' or type(b.id) ~= 'string' or type(b.slot) ~= 's
 end
 local now = server_now(ARGV[2])
 local k = bundle()
+local own = get_rec(k.recs, b.id)
+if own and (own.st == 'c' or own.st == 'r' or (own.st == 'x' and own.rsn == 'displaced')) then
+  return reply({o = OK, now = now, restored = 0, ended = own.st})
+end
 local idx = tonumber(rcall('HGET', k.meta, 'i:' .. b.slot))
 if idx == nil then return reply({o = NOT_FOUND, now = now, what = 'slot'}) end
 local unit = tostring(b.unit)

@@ -6,11 +6,11 @@
   cut-off the waitlist is cleared with a "waitlist_closed" event per waiter.
 
   Input:
-    KEYS[1..11] the session key bundle (includes/common.lua)
+    KEYS[1..12] the session key bundle (includes/common.lua)
     ARGV[1] most holds to reclaim in this call (1..1000)
     ARGV[2] time offset ms (tests only)
     ARGV[3] random number in [0, 1) (anti-scalper delay)
-  Output: JSON {o = OK, expired, requeued, closed, more, now}
+  Output: JSON {o = OK, expired, requeued, closed, more, now} | {o = RECOVERING, ...zeros}
 ]]
 -- @include common
 -- @include reclaim
@@ -21,6 +21,9 @@ if limit == nil or limit < 1 or limit > 1000 then return bad('limit must be 1..1
 if rnd == nil or rnd < 0 or rnd >= 1 then return bad('random must be in [0, 1)') end
 local now = server_now(ARGV[2])
 local k = bundle()
+if recovering(k) then
+  return reply({o = RECOVERING, expired = 0, requeued = 0, closed = 0, more = 0, now = now})
+end
 local cfg = settings(k)
 local closed = 0
 if cfg.cutoff_ms > 0 and now >= cfg.cutoff_ms then

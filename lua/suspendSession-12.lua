@@ -3,10 +3,11 @@
   Suspend a session (停诊): no more holds; every booking is cancelled with a
   "cancelled" outbox event carrying the reason; live holds are released;
   the waitlist is cleared with a "waitlist_closed" event per waiter.
-  Bounded by the session's capacity and waitlist. Idempotent.
+  Bounded by the session's capacity and waitlist. Idempotent. Runs while
+  the partition is recovering too (it never sells; a rebuild uses it).
 
   Input:
-    KEYS[1..11] the session key bundle (includes/common.lua)
+    KEYS[1..12] the session key bundle (includes/common.lua)
     ARGV[1] reason (short code)
     ARGV[2] time offset ms (tests only)
   Output: JSON {o = OK, cancelled, released, now} | {o = NOT_FOUND}

@@ -6,7 +6,7 @@
   cancellation deadline unless forced (admin, HIS compensation, 停诊).
 
   Input:
-    KEYS[1..11] the session key bundle (includes/common.lua)
+    KEYS[1..12] the session key bundle (includes/common.lua)
     ARGV[1] booking id
     ARGV[2] account ref ('' = any: admin, HIS compensation)
     ARGV[3] reason (short code, e.g. patient, his_rejected, conflict)
@@ -15,6 +15,7 @@
     ARGV[6] random number in [0, 1) (anti-scalper delay)
   Output: JSON {o = OK, id, now, rp, pat, rq, late} | {o = NOT_FOUND} |
           {o = INVALID_STATE, st} | {o = CANCEL_DEADLINE, deadline_ms}
+          | {o = RECOVERING} while the partition is recovering
 ]]
 -- @include common
 
@@ -26,6 +27,7 @@ if ARGV[4] ~= '0' and ARGV[4] ~= '1' then return bad('force must be 0 or 1') end
 if rnd == nil or rnd < 0 or rnd >= 1 then return bad('random must be in [0, 1)') end
 local now = server_now(ARGV[5])
 local k = bundle()
+if recovering(k) then return reply({o = RECOVERING, now = now}) end
 local rec = get_rec(k.recs, id)
 if rec == nil or (acct ~= '' and rec.acct ~= acct) then
   return reply({o = NOT_FOUND, now = now, what = 'booking'})

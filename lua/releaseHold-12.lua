@@ -5,12 +5,13 @@
   Idempotent: releasing an ended hold answers as before.
 
   Input:
-    KEYS[1..11] the session key bundle (includes/common.lua)
+    KEYS[1..12] the session key bundle (includes/common.lua)
     ARGV[1] hold id
     ARGV[2] account ref ('' = any: admin and sweeper)
     ARGV[3] time offset ms (tests only)
     ARGV[4] random number in [0, 1) (anti-scalper delay)
   Output: JSON {o = OK, id, now, rp, pat, rq} | {o = NOT_FOUND} | {o = INVALID_STATE, st}
+          | {o = RECOVERING} while the partition is recovering
 ]]
 -- @include common
 
@@ -20,6 +21,7 @@ if not id or id == '' then return bad('hold id is required') end
 if rnd == nil or rnd < 0 or rnd >= 1 then return bad('random must be in [0, 1)') end
 local now = server_now(ARGV[3])
 local k = bundle()
+if recovering(k) then return reply({o = RECOVERING, now = now}) end
 local rec = get_rec(k.recs, id)
 if rec == nil or (acct ~= '' and rec.acct ~= acct) then
   return reply({o = NOT_FOUND, now = now, what = 'hold'})

@@ -5,13 +5,14 @@
   holds or booked that department-day. A returned unit goes to the head.
 
   Input:
-    KEYS[1..11] the session key bundle (includes/common.lua)
+    KEYS[1..12] the session key bundle (includes/common.lua)
     ARGV[1] patient ref
     ARGV[2] account ref
     ARGV[3] pools the channel may use, comma separated
     ARGV[4] time offset ms (tests only)
   Output: JSON {o = OK, position, now, rp} | {o = SUSPENDED | CLOSED | NOT_OPEN |
           DUPLICATE | WAITLIST_FULL | NOT_FOUND} | {o = INVALID_STATE, st = 'units_free'}
+          | {o = RECOVERING} while the partition is recovering
 ]]
 -- @include common
 
@@ -23,6 +24,7 @@ end
 if not string.match(ARGV[3] or '', '^[0-3][0-3,]*$') then return bad('pools must be like 0,3') end
 local now = server_now(ARGV[4])
 local k = bundle()
+if recovering(k) then return reply({o = RECOVERING, now = now}) end
 local s = rcall('HMGET', k.meta, 'status', 'release_ms', 'cutoff_ms', 'waitlist_ttl_ms',
                 'waitlist_max', 'slots', 'pool_return_ms')
 if s[1] == false then return reply({o = NOT_FOUND, now = now, what = 'session'}) end

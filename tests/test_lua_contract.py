@@ -1,0 +1,91 @@
+"""The Lua <-> Python contract, read from the files themselves: every script's
+header against its file name and its body, and the outcome codes of
+``lua/includes/common.lua`` against ``engine.outcomes.Code``. No server:
+these fail the moment one side changes without the other."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from engine.outcomes import MESSAGES, REASON_OF_CODE, Code, Reason
+from engine.scripts import load_scripts, lua_dir
+
+LUA = lua_dir()
+SCRIPTS = sorted(p for p in LUA.glob("*.lua"))
+_NAME = re.compile(r"^(?P<name>[a-zA-Z]+)-(?P<keys>\d+|N)\.lua$")
+
+
+def header(path: Path) -> str:
+    text = path.read_text()
+    start, end = text.find("--[["), text.find("]]")
+    assert start != -1 and end > start, f"{path.name}: no --[[ contract ]] header"
+    return text[start:end]
+
+
+def documented_keys(head: str) -> set[int]:
+    got: set[int] = set()
+    for a, b in re.findall(r"KEYS\[(\d+)(?:\.\.(\d+))?\]", head):
+        got |= set(range(int(a), int(b or a) + 1))
+    return got
+
+
+def documented_argv(head: str) -> set[int]:
+    return {int(n) for n in re.findall(r"ARGV\[(\d+)\]", head)}
+
+
+def body_of(path: Path) -> str:
+    text = path.read_text()
+    return text[text.find("]]") + 2:]
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_header_names_every_key_and_argument_the_body_uses(path: Path) -> None:
+    m = _NAME.match(path.name)
+    assert m, f"{path.name}: scripts are named verbNoun-K.lua"
+    head = header(path)
+    assert "Input:" in head and "Output:" in head, f"{path.name}: Input/Output missing"
+    body = body_of(path)
+    used_keys = {int(n) for n in re.findall(r"KEYS\[(\d+)\]", body)}
+    used_argv = {int(n) for n in re.findall(r"ARGV\[(\d+)\]", body)}
+    if m.group("keys") != "N":
+        k = int(m.group("keys"))
+        keys = documented_keys(head)
+        assert keys == set(range(1, k + 1)), f"{path.name}: header documents KEYS {sorted(keys)}"
+        uses_bundle = "bundle()" in body
+        assert used_keys <= keys, f"{path.name}: body uses undocumented KEYS {used_keys - keys}"
+        if uses_bundle:
+            assert k >= 12, f"{path.name}: the session bundle is twelve keys"
+    assert used_argv <= documented_argv(head), (
+        f"{path.name}: body uses undocumented ARGV {used_argv - documented_argv(head)}")
+    assert path.read_text().startswith("#!lua"), f"{path.name}: needs the #!lua shebang"
+
+
+def test_outcome_codes_are_one_table_on_each_side() -> None:
+    common = (LUA / "includes" / "common.lua").read_text()
+    lua_codes = {name: int(v) for name, v in re.findall(r"^local ([A-Z_]+) = (-?\d+)$", common,
+                                                        re.M)
+                 if name not in ("SLOT_BASE", "POOL_BASE")}
+    assert lua_codes == {c.name: int(c) for c in Code}
+    assert set(REASON_OF_CODE) == {c for c in Code if c is not Code.OK}
+    assert set(MESSAGES) == set(Reason)
+    for c, r in REASON_OF_CODE.items():
+        assert r.name == Code(c).name, f"{c} maps to {r}"
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_every_outcome_a_header_promises_exists(path: Path) -> None:
+    head = header(path)
+    names = set(re.findall(r"\bo = ([A-Z_]+)", head))
+    names |= {n for group in re.findall(r"\{o = ([A-Z_ |]+)\}", head)
+              for n in re.split(r"\s*\|\s*", group) if n}
+    assert names <= {c.name for c in Code}, f"{path.name}: unknown outcomes {names}"
+
+
+def test_the_loader_stitches_every_include_and_checks_key_counts() -> None:
+    scripts = load_scripts()
+    assert set(scripts) == {_NAME.match(p.name).group("name") for p in SCRIPTS}  # type: ignore[union-attr]
+    for s in scripts.values():
+        assert "-- @include" not in s.source, f"{s.name}: an include was not stitched"
