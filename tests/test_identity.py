@@ -29,7 +29,9 @@ from engine.engine import Engine
 from engine.identity import Claim, RealNameUnavailable
 from engine.identity.http import HttpRealNameVerifier
 from engine.identity.simulator import SimulatedRealName, simulator_app
-from engine.pii import mask_id
+from engine.pii import Crypto, mask_id
+from engine.store import queries as q
+from engine.store.migrate import migrate
 from tests.apikit import (
     ADMIN,
     api,
@@ -184,6 +186,42 @@ async def test_an_id_is_bound_to_a_few_accounts(client: Client, app: Litestar) -
     assert r.status_code == 201 and r.json()["verification"] == "mismatch"
 
 
+async def test_concurrent_binds_of_one_id_respect_the_limit(fresh_pg_dsn: str) -> None:
+    """Twelve accounts bind one ID number at once, each on its own
+    connection: exactly three bindings stay (the ID's advisory lock); the
+    others are refused, verified or not."""
+    await migrate(fresh_pg_dsn)
+    crypto = Crypto.generate_dev()
+    nid = national_id(515_000 + next(_ids))
+    pool = await asyncpg.create_pool(fresh_pg_dsn, min_size=12, max_size=12)
+    try:
+        accounts = [await q.create_account(pool, uid("crowd")) for _ in range(12)]
+
+        async def one(i: int, acct: str) -> str:
+            async with pool.acquire() as conn:
+                try:
+                    await q.bind_patient(conn, crypto, acct, NAME, PHONE, nid,
+                                         verification="data" if i % 2 else "mismatch",
+                                         max_accounts=3)
+                    return "ok"
+                except q.IdAccountLimit:
+                    return "limit"
+
+        for wave in range(2):  # the second wave finds the ID full of verified bindings
+            got = await asyncio.gather(*(one(i, a) for i, a in enumerate(accounts)))
+            n = await pool.fetchval("SELECT count(*) FROM patients WHERE id_hash = $1"
+                                    " AND unbound_at IS NULL", crypto.id_hash(nid))
+            assert n == 3 and got.count("ok") >= (3 if wave == 0 else 0)
+            accounts = [await q.create_account(pool, uid("crowd")) for _ in range(12)]
+        assert got.count("ok") == 0
+        verified = await pool.fetchval(
+            "SELECT count(*) FROM patients WHERE id_hash = $1 AND unbound_at IS NULL"
+            " AND verification = 'data'", crypto.id_hash(nid))
+        assert verified == 3  # verified ones displaced every unverified one
+    finally:
+        await pool.close()
+
+
 async def test_unverified_binding_cannot_hold_until_verified(client: Client, app: Litestar,
                                                              redis_url: str) -> None:
     """The authority is down at bind time: the binding is kept unverified,
@@ -213,7 +251,7 @@ async def test_unverified_binding_cannot_hold_until_verified(client: Client, app
     finally:
         s.down = False
     calls = s.calls
-    r = await client.post(f"/v1/patients/{pid}/verify", headers=h, json={})
+    r = await client.post(f"/v1/patients/{pid}/verify", headers=h)  # the body is optional
     assert r.status_code == 200 and r.json()["verified"] is True, r.text
     assert s.calls == calls + 1
     r = await bind(client, h, nid)  # binding again: the existing binding, no new check

@@ -162,7 +162,7 @@ class PatientController(Controller):
     @post("/{patient_id:str}/verify", status_code=200, responses=errors(401, 404, 409, 503),
           summary="Check a binding's real name again (after an outage, or with a ticket)")
     async def verify(self, request: Request[Any, Any, Any], patient_id: str,
-                     data: VerifyIn) -> PatientOut:
+                     data: VerifyIn | None = None) -> PatientOut:
         """A check never takes a verification away: the answer is the
         stronger of the recorded and the new outcome. A ``self`` binding, or
         a ``data`` one without a ``ticket``, is answered as it is. 503 when
@@ -174,11 +174,12 @@ class PatientController(Controller):
         if found is None:
             raise ProblemError.of("not-found", "no such patient", instance=path)
         view, nid, name, tel = found
-        if view.verification == "self" or (view.verification == "data" and not data.ticket):
+        ticket = data.ticket if data is not None else None
+        if view.verification == "self" or (view.verification == "data" and not ticket):
             await _mirror(api, account, view)
             return _out(view)
         verdict = await _check(api, Claim(national_id=nid, name=name, phone=tel,
-                                          account=account, ticket=data.ticket))
+                                          account=account, ticket=ticket))
         if verdict is None:
             ms, headers = retry_after(5000)
             raise ProblemError.of("unavailable", "the real-name check is unavailable; retry later",
