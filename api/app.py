@@ -37,6 +37,7 @@ from api.routes.holds import HoldController
 from api.routes.ops import OpsController, hello
 from api.routes.patients import PatientController
 from api.routes.rules import RulesController
+from api.routes.staff import StaffController
 from api.routes.waitlist import WaitlistController
 from api.settings import Settings
 
@@ -57,7 +58,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     handlers: list[Any] = [AuthController, PatientController, CatalogController,
                            AvailabilityController, HoldController, BookingController,
-                           WaitlistController, AdminController, RulesController, OpsController]
+                           WaitlistController, AdminController, RulesController, StaffController,
+                           OpsController]
     if settings.bench_endpoints:
         handlers.append(hello)
     app = Litestar(

@@ -7,7 +7,12 @@
   account id sent by a client.
 - Our own bearer token: ``<account id>.<expiry s>.<base64url HMAC-SHA256>``,
   short-lived, checked in constant time.
-- Admin routes take ``Authorization: Bearer <HAOYUAN_ADMIN_TOKEN>``.
+- Admin routes take a staff member's token (``hys_...``, see
+  ``engine.store.staff``), or the shared ``HAOYUAN_ADMIN_TOKEN`` where it is
+  enabled (``api.guards.staff_required``).
+- Account tokens can be revoked before they expire (logout, an operator):
+  ``Bearer`` names a verified token by its account, id and expiry, and every
+  request checks Redis for its revocation (``Engine.access``).
 - The payment callback is signed by the payment side: ``X-Payment-Timestamp``
   (unix seconds) and ``X-Payment-Signature`` = hex HMAC-SHA256(secret,
   ``f"{timestamp}.{raw body}"``); stale or wrong signatures are refused.
@@ -20,12 +25,13 @@ import hashlib
 import hmac
 import re
 import time
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import httpx
 import msgspec
 
 __all__ = [
+    "Bearer",
     "Code2SessionVerifier",
     "CodeVerifier",
     "DevCodeVerifier",
@@ -34,7 +40,9 @@ __all__ = [
     "TokenSigner",
     "bearer",
     "check_admin",
+    "client_address",
     "sign_payment",
+    "verified_bearer",
     "verify_payment",
 ]
 
@@ -211,3 +219,34 @@ def verify_payment(
         return False
     expected = sign_payment(secret, timestamp, body)
     return hmac.compare_digest(expected.encode(), signature.strip().lower().encode())
+
+
+class Bearer(NamedTuple):
+    """A verified account token: its account, its id (for a revocation) and expiry (unix s)."""
+
+    account: str
+    token_id: str
+    exp: int
+
+
+def verified_bearer(tokens: TokenSigner, token: str) -> Bearer | None:
+    """The token's ``Bearer`` if its signature and expiry check out (not its revocation)."""
+    account = tokens.verify(token)
+    if account is None:
+        return None
+    _, exp, sig = token.split(".")
+    return Bearer(account, sig[:22], int(exp))
+
+
+def client_address(scope: Any, header: str = "") -> str:
+    """The caller's address: the peer, or the first address of ``header`` (set
+    by a reverse proxy you trust) when one is configured."""
+    if header:
+        name = header.lower().encode("latin-1")
+        for k, v in scope.get("headers", ()):
+            if k == name:
+                first: str = v.decode("latin-1").split(",")[0].strip()
+                if first:
+                    return first[:64]
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"

@@ -199,7 +199,7 @@ async def _setup_accounts(dsn: str, redis_url: str, n: int) -> tuple[list[str], 
         async with sem, pool.acquire() as conn:
             acct = await q.create_account(conn, crypto.openid_hash(f"bench{i}"))
             view = await q.bind_patient(conn, crypto, acct, "测试", "13800000000",
-                                        _national_id(i))
+                                        _national_id(i), verification="data")
         await eng.mirror_binding(acct, view.patient_id, view.ref)
         return signer.mint(acct)[0], view.patient_id
 

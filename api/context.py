@@ -9,25 +9,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import asyncpg
 import msgspec
 import structlog
+from redis.exceptions import RedisError
 
 from api import catalog
-from api.auth import Code2SessionVerifier, CodeVerifier, DevCodeVerifier, TokenSigner
-from api.hotpath import Admission, MicroCache, PatientRefs, ReleaseTimes, ServerClock, SoldOut
+from api.auth import (
+    Bearer,
+    Code2SessionVerifier,
+    CodeVerifier,
+    DevCodeVerifier,
+    TokenSigner,
+    client_address,
+)
+from api.hotpath import Admission, MicroCache, ReleaseTimes, ServerClock, SoldOut
 from api.metrics import Metrics
 from api.settings import Settings
 from engine.engine import Engine
+from engine.identity import RealNameVerifier
+from engine.identity.http import HttpRealNameVerifier
+from engine.identity.simulator import SimulatedRealName
 from engine.keys import ID_RE
 from engine.outcomes import Availability
-from engine.store import queries as q
+from engine.store import bindings
 from engine.store.migrate import migrate
 from engine.writer import outbox_lag
 
-__all__ = ["Api", "OpsStatus", "api_of"]
+__all__ = ["Access", "Api", "LimitKind", "OpsStatus", "api_of"]
 
 log = structlog.get_logger("haoyuan.api")
 
@@ -44,6 +55,18 @@ class OpsStatus(msgspec.Struct, kw_only=True):
     his_pending: int = 0
     his_oldest_pending_age_s: float = 0.0
     checked_at_ms: int = 0
+
+
+class Access(NamedTuple):
+    """What an account request may do with one of its patients (``Api.patient_access``)."""
+
+    revoked: bool = False
+    #: The engine's patient ref; None: not bound to the account.
+    ref: str | None = None
+    verified: bool = False
+
+
+LimitKind = Literal["admin-failure", "login-failure", "new-account"]
 
 
 class Api:
@@ -64,7 +87,11 @@ class Api:
         self.availability_cache: MicroCache[str, bytes] = MicroCache(s.availability_ttl_ms)
         self.catalog_cache: MicroCache[Any, bytes] = MicroCache(s.catalog_ttl_ms)
         self.admission = Admission(s.max_inflight, s.max_loop_lag_ms)
-        self.patient_refs = PatientRefs(s.patient_ref_ttl_s)
+        self.realname: RealNameVerifier = (
+            HttpRealNameVerifier(s.realname_url, s.realname_key, timeout_s=s.realname_timeout_s)
+            if s.realname_mode == "http"
+            else SimulatedRealName()
+        )
         self.engine: Engine = Engine.connect(s.redis_url, s.engine_config())
         self._pool: asyncpg.Pool | None = None
         self._ops: MicroCache[str, OpsStatus] = MicroCache(int(s.ops_cache_s * 1000))
@@ -106,6 +133,7 @@ class Api:
             await self._pool.close()
         await self.engine.aclose()
         await self.verifier.aclose()
+        await self.realname.aclose()
 
     async def _recalibrate(self) -> None:
         while not self._stop.is_set():
@@ -153,24 +181,55 @@ class Api:
         return self._pool
 
     # ------------------------------------------------------------------ helpers
-    async def patient_ref(self, account: str, patient_id: str) -> str | None:
-        """The engine's patient ref of one of the account's patients, or None."""
-        ref = self.patient_refs.get(account, patient_id)
-        if ref is not None:
-            return ref
-        # The binding mirror in Redis (one batched read) before PostgreSQL:
-        # on release morning every hold is an account's first, so this cache
-        # is cold and the store would pay one query per hold.
-        ref = await self.engine.binding(account, patient_id)
+    async def patient_access(self, who: Bearer, patient_id: str) -> Access:
+        """Whether the token was revoked, and the patient ref of one of the
+        account's patients with its verification, in one batched Redis read
+        (``Engine.access``): every hold sees a revocation, an unbind or a
+        verification at once, on every worker. The binding mirror carries a
+        ref only for verified bindings, so a hit needs nothing else; a miss
+        asks PostgreSQL and fills the mirror for a verified binding (only
+        where it has no entry: a late fill never undoes a tombstone)."""
+        # "-" is no patient id (nor is a "~" field of the account's hash).
+        field = "-" if not patient_id or patient_id[0] == "~" else patient_id
+        revoked, ref = await self.engine.access(who.account, field, who.token_id, who.exp)
+        if revoked:
+            return Access(revoked=True)
         if ref == "":
-            return None  # unbound (tombstone)
-        if ref is None:
-            ref = await q.get_patient_ref(self.pool, account, patient_id)
-            if ref is None:
-                return None
-            await self.engine.mirror_binding(account, patient_id, ref, fill=True)
-        self.patient_refs.put(account, patient_id, ref)
-        return ref
+            return Access()  # unbound (tombstone)
+        if ref is not None:
+            return Access(ref=ref, verified=True)
+        st = await bindings.binding_state(self.pool, who.account, patient_id)
+        if st is None:
+            return Access()
+        if st.verified:
+            await self.engine.mirror_binding(who.account, patient_id, st.ref, fill=True)
+        return Access(ref=st.ref, verified=st.verified)
+
+    async def token_revoked(self, who: Bearer) -> bool:
+        revoked, _ = await self.engine.access(who.account, "", who.token_id, who.exp)
+        return revoked
+
+    async def limit(self, kind: LimitKind, scope: Any, *, take: bool) -> int:
+        """A per-client limit (see ``Settings``): 0 if one more is allowed (and,
+        with ``take``, counted), else the milliseconds to wait. Open while
+        Redis is unreachable: a limit slows abuse down, it authorises nothing
+        (a token's revocation, which does, fails closed)."""
+        s = self.settings
+        burst, interval_s = {
+            "admin-failure": (s.admin_failures_burst, s.admin_failures_interval_s),
+            "login-failure": (s.login_failures_burst, s.login_failures_interval_s),
+            "new-account": (s.new_accounts_burst, s.new_accounts_interval_s),
+        }[kind]
+        if interval_s <= 0 or burst < 1:
+            return 0
+        client = self.crypto.client_hash(client_address(scope, s.client_ip_header))
+        try:
+            return await self.engine.limit(kind, client, take=take,
+                                           interval_ms=max(1, int(interval_s * 1000)),
+                                           burst=burst)
+        except (RedisError, OSError) as exc:
+            log.warning("client_limit_unavailable", kind=kind, error=type(exc).__name__)
+            return 0
 
     def learn(self, availability: Availability) -> None:
         """Feed an availability read into the local caches and the inventory gauges."""

@@ -56,8 +56,10 @@ def components() -> Components:
             "account": SecurityScheme(
                 type="http", scheme="bearer",
                 description="Account token from POST /v1/auth/wechat"),
-            "admin": SecurityScheme(type="http", scheme="bearer",
-                                    description="HAOYUAN_ADMIN_TOKEN"),
+            "admin": SecurityScheme(
+                type="http", scheme="bearer",
+                description="A staff member's token (haoyuan staff add; roles operator, clerk,"
+                            " finance), or HAOYUAN_ADMIN_TOKEN where the shared token is enabled"),
             "payment_timestamp": SecurityScheme(
                 type="apiKey", name="X-Payment-Timestamp", security_scheme_in="header",
                 description="Unix seconds; within 5 minutes of the server clock"),

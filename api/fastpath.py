@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
+from api.auth import Bearer, verified_bearer
 from api.errors import error_response
 from api.problems import RawResponse
 from api.routes.holds import decide_hold
@@ -60,10 +61,10 @@ def hold_fastpath(api: Api, app: ASGIApp) -> ASGIApp:
             body += msg.get("body", b"")
             if not msg.get("more_body", False) or len(body) > _MAX_BODY:
                 break
-        account = _account(tokens, auth)
+        who = _bearer(tokens, auth)
         data = None
         key: str | None = None
-        ok = (account is not None and messages[-1]["type"] == "http.request"
+        ok = (who is not None and messages[-1]["type"] == "http.request"
               and not messages[-1].get("more_body", False)
               and (ctype is None or ctype.startswith(b"application/json")))
         if ok and idem is not None:
@@ -74,7 +75,7 @@ def hold_fastpath(api: Api, app: ASGIApp) -> ASGIApp:
                 data = _decode(body)
             except (msgspec.ValidationError, msgspec.DecodeError):
                 data = None
-        if data is None or account is None:
+        if data is None or who is None:
             replay = iter(messages)
 
             async def again() -> ReceiveMessage:
@@ -85,7 +86,7 @@ def hold_fastpath(api: Api, app: ASGIApp) -> ASGIApp:
             return
         scope["path_template"] = _PATH
         try:
-            resp = await decide_hold(api, account, data, key, _PATH)
+            resp = await decide_hold(api, who, data, key, _PATH)
         except Exception as exc:
             resp = error_response(exc, _PATH)
         if not isinstance(resp, RawResponse):  # pragma: no cover - always RawResponse
@@ -95,8 +96,7 @@ def hold_fastpath(api: Api, app: ASGIApp) -> ASGIApp:
     return handle
 
 
-def _account(tokens: Any, auth: bytes | None) -> str | None:
+def _bearer(tokens: Any, auth: bytes | None) -> Bearer | None:
     if auth is None or len(auth) < 8 or auth[:7].lower() != b"bearer ":
         return None
-    account: str | None = tokens.verify(auth[7:].strip().decode("latin-1"))
-    return account
+    return verified_bearer(tokens, auth[7:].strip().decode("latin-1"))

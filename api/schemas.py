@@ -21,6 +21,7 @@ __all__ = [
     "BookingOut",
     "CancelledOut",
     "CapacityIn",
+    "CoBindingOut",
     "DepartmentOut",
     "DoctorOut",
     "HoldIn",
@@ -36,6 +37,7 @@ __all__ = [
     "StaffHoldIn",
     "SuspendIn",
     "TokenOut",
+    "VerifyIn",
     "WaitlistIn",
     "WaitlistOut",
     "WechatLoginIn",
@@ -66,19 +68,47 @@ class TokenOut(msgspec.Struct, frozen=True):
 # --------------------------------------------------------------------------- patients
 
 
+#: A one-time ticket of a real-name / face check the person took on the
+#: phone (WeChat 实名核身): it proves the account holder is the patient.
+Ticket = Annotated[str, msgspec.Meta(min_length=1, max_length=512,
+                                     pattern=r"^[A-Za-z0-9_.:=+/-]+$")]
+#: A binding's real-name check: ``self`` (the account holder is the
+#: patient), ``data`` (ID, name and phone belong together), or why not.
+Verification = Literal["self", "data", "mismatch", "unknown", "unavailable", "unverified"]
+
+
 class PatientIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
     phone: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
     national_id: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+    ticket: Ticket | None = None
+
+
+class VerifyIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    ticket: Ticket | None = None
 
 
 class PatientOut(msgspec.Struct, frozen=True):
-    """A bound patient, masked: ``张*丰``, ``138****1234``, ``110***********1234``."""
+    """A bound patient, masked: ``张*丰``, ``138****1234``, ``110***********1234``.
+    Only a ``verified`` patient can hold."""
 
     patient_id: str
     name: str
     phone: str
     national_id: str
+    created_at_ms: int
+    verified: bool = False
+    verification: Verification = "unverified"
+
+
+class CoBindingOut(msgspec.Struct, frozen=True):
+    """Another account's binding of the same ID number (masked as that account entered it)."""
+
+    binding_id: str
+    name: str
+    phone: str
+    verified: bool
+    verification: Verification
     created_at_ms: int
 
 

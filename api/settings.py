@@ -13,6 +13,9 @@ admin and payment secrets and the data keys must be set.
     HAOYUAN_WECHAT_MODE=dev|code2session
     HAOYUAN_MAX_INFLIGHT=512           engine calls in flight per worker
     HAOYUAN_DATA_KEYS / HAOYUAN_HMAC_KEY  patient data keys (see engine.pii)
+    HAOYUAN_REALNAME_MODE=simulator|http  real-name checks of bound patients
+    HAOYUAN_REALNAME_URL / HAOYUAN_REALNAME_KEY  the HTTP real-name gateway
+    HAOYUAN_SHARED_ADMIN=auto|on|off   the admin token as bootstrap identity
 
 Every field ``x`` is read from ``HAOYUAN_X``.
 """
@@ -98,11 +101,36 @@ class Settings:
     release_cache_ttl_ms: int = 5000
     #: Closer than this to the release instant, ask Redis.
     not_open_margin_ms: int = 250
-    #: (account, patient id) -> patient ref, per worker. An unbinding reaches
-    #: the other workers' holds within this time.
-    patient_ref_ttl_s: float = 30.0
     #: Serve well-formed POST /v1/holds in front of Litestar (api.fastpath).
     fast_path: bool = True
+
+    # -- identities: verified patients, staff, revocable tokens, per-client limits
+    #: Accounts that may bind one national ID number (verified bindings
+    #: displace unverified ones; see engine.store.queries.bind_patient).
+    max_accounts_per_patient: int = 3
+    #: Real-name checks of bound patients (engine.identity): the in-process
+    #: simulator (development, tests, the demo) or an HTTP gateway.
+    realname_mode: Literal["simulator", "http"] = "simulator"
+    realname_url: str = ""
+    realname_key: str = field(default="", repr=False)
+    realname_timeout_s: float = 5.0
+    #: The shared admin token acts as the bootstrap identity (every staff
+    #: role): "auto" in development only, "on" in production too (break-glass,
+    #: audited as "bootstrap"), "off" never. Production uses staff tokens
+    #: (``haoyuan staff add``).
+    shared_admin: Literal["auto", "on", "off"] = "auto"
+    #: Per client address, GCRA (burst at once, then one per interval; an
+    #: interval of 0 turns the limit off): failed admin attempts, failed
+    #: logins, and new accounts.
+    admin_failures_burst: int = 10
+    admin_failures_interval_s: float = 60.0
+    login_failures_burst: int = 20
+    login_failures_interval_s: float = 5.0
+    new_accounts_burst: int = 20
+    new_accounts_interval_s: float = 30.0
+    #: Take the client address from this request header (one your reverse
+    #: proxy sets, e.g. x-real-ip) instead of the peer address.
+    client_ip_header: str = ""
 
     # -- ops
     writer_lag_max_ms: int = 30_000
@@ -146,8 +174,18 @@ class Settings:
                 raise SettingsError("HAOYUAN_WECHAT_MODE must be code2session in production")
             if self.bench_endpoints:
                 raise SettingsError("bench endpoints are for benchmarks only")
+            if self.realname_mode != "http":
+                raise SettingsError("HAOYUAN_REALNAME_MODE must be http in production")
+        if self.realname_mode == "http" and not (self.realname_url and self.realname_key):
+            raise SettingsError("HAOYUAN_REALNAME_URL and HAOYUAN_REALNAME_KEY must be set")
+        if self.max_accounts_per_patient < 1:
+            raise SettingsError("HAOYUAN_MAX_ACCOUNTS_PER_PATIENT must be positive")
         if self.wechat_mode == "code2session" and not (self.wechat_appid and self.wechat_secret):
             raise SettingsError("HAOYUAN_WECHAT_APPID and HAOYUAN_WECHAT_SECRET must be set")
+
+    @property
+    def shared_admin_enabled(self) -> bool:
+        return self.shared_admin == "on" or (self.shared_admin == "auto" and self.env == "dev")
 
     def resolved_crypto(self) -> Crypto:
         return self.crypto if self.crypto is not None else dev_crypto()

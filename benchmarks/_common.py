@@ -154,7 +154,7 @@ async def prepare_patients(pg_dsn: str, n: int, path: Path, *, offset: int = 0,
 
         patients.append((uuid.UUID(pid), acct, crypto.id_hash(nid), enc("name_enc", "测试"),
                          enc("phone_enc", "13800000000"), enc("national_id_enc", nid),
-                         crypto.active_key_id))
+                         crypto.active_key_id, "data"))
         lines.append(f"{signer.mint(acct)[0]}\t{pid}\n")
     conn = await asyncpg.connect(pg_dsn)
     try:
@@ -164,7 +164,7 @@ async def prepare_patients(pg_dsn: str, n: int, path: Path, *, offset: int = 0,
             await conn.copy_records_to_table(
                 "patients", records=patients,
                 columns=["id", "account_id", "id_hash", "name_enc", "phone_enc",
-                         "national_id_enc", "key_id"])
+                         "national_id_enc", "key_id", "verification"])
     finally:
         await conn.close()
     if redis_url is not None:

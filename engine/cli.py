@@ -8,6 +8,7 @@
     haoyuan audit [--json]                 conservation, Redis vs PostgreSQL vs HIS
     haoyuan rebuild [SESSION ...]          Redis state from PostgreSQL
     haoyuan rebuild-bindings               Redis's binding mirror from PostgreSQL
+    haoyuan staff add|list|disable         staff accounts with roles (token shown once)
 
 Connections come from ``--redis-url`` / ``--pg-dsn`` or the environment
 (``HAOYUAN_REDIS_URL``, ``HAOYUAN_PG_DSN``, ``HAOYUAN_HIS_URL``).

@@ -1,5 +1,6 @@
-"""Operational commands: import, audit, rebuild, forwarder, demo (registered
-into ``haoyuan``'s parser by engine.cli; imports stay inside the commands)."""
+"""Operational commands: import, audit, rebuild, forwarder, demo, staff
+(registered into ``haoyuan``'s parser by engine.cli; imports stay inside the
+commands)."""
 
 from __future__ import annotations
 
@@ -147,6 +148,52 @@ async def _scheduler(a: argparse.Namespace) -> int:
     return 0
 
 
+async def _staff(a: argparse.Namespace) -> int:
+    """``staff add USERNAME --role R`` (prints the token, once), ``staff list``,
+    ``staff disable USERNAME``. Recorded in the staff audit trail as ``cli:<OS user>``."""
+    import getpass
+    import sys
+
+    import asyncpg
+
+    from engine.store import staff
+
+    who = "cli:" + getpass.getuser()
+    conn = await asyncpg.connect(a.pg_dsn)
+    try:
+        if not await conn.fetchval("SELECT to_regclass('staff') IS NOT NULL"):
+            print("haoyuan staff: no staff table here; run haoyuan migrate first",
+                  file=sys.stderr)
+            return 1
+        if a.staff_command == "add":
+            try:
+                member, token = await staff.add_staff(conn, a.username, a.role, who)
+            except (ValueError, staff.StaffExists) as exc:
+                print(f"haoyuan staff add: {exc}", file=sys.stderr)
+                return 1
+            print(json.dumps({"staff_id": member.id, "username": member.username,
+                              "role": member.role, "token": token}))
+            print("The token is shown once: hand it to the person; only its hash is stored.",
+                  file=sys.stderr)
+            return 0
+        if a.staff_command == "disable":
+            done = await staff.disable_staff(conn, a.username, who)
+            print(json.dumps({"username": a.username, "disabled": done}))
+            return 0 if done else 1
+        members = await staff.list_staff(conn)
+    finally:
+        await conn.close()
+    if a.json:
+        print(msgspec.json.encode(members).decode())
+    else:
+        print(f"{'id':<16} {'username':<24} {'role':<9} {'created':<20} disabled")
+        for m in members:
+            print(f"{m.id:<16} {m.username:<24} {m.role:<9} "
+                  f"{m.created_at:%Y-%m-%d %H:%M:%S} "
+                  f"{'' if m.disabled_at is None else f'{m.disabled_at:%Y-%m-%d %H:%M:%S}'}")
+    return 0
+
+
 async def _demo(a: argparse.Namespace) -> int:
     from engine.demo import run_demo
 
@@ -205,6 +252,20 @@ def register(
     p.add_argument("--interval", type=float, default=600.0)
     p.add_argument("--once", action="store_true", help="one pass, print its report")
     commands["scheduler"] = _scheduler
+
+    p = sub.add_parser("staff", help="staff accounts with roles: add, list, disable")
+    staff_sub = p.add_subparsers(dest="staff_command", required=True)
+    q = staff_sub.add_parser("add", help="add a staff member; prints their token once")
+    q.add_argument("username")
+    q.add_argument("--role", required=True, choices=("operator", "clerk", "finance"))
+    add_conn(q)
+    q = staff_sub.add_parser("list", help="every staff member")
+    q.add_argument("--json", action="store_true")
+    add_conn(q)
+    q = staff_sub.add_parser("disable", help="disable a staff member (by username or id)")
+    q.add_argument("username")
+    add_conn(q)
+    commands["staff"] = _staff
 
     p = sub.add_parser("demo", help="the release-morning demo (starts what it needs)")
     p.add_argument("--quick", action="store_true", help="a smaller morning, under a minute")

@@ -51,6 +51,8 @@ async def api_server(redis_url: str, pg_dsn: str, out: Path, workers: int = 2
         "HAOYUAN_PAYMENT_SECRET": secrets.token_urlsafe(24),
         "HAOYUAN_TOKEN_SECRET": secrets.token_urlsafe(24),
         "HAOYUAN_ACCESS_LOG": "0",
+        # The crowd comes from one address: no per-client limit on new accounts.
+        "HAOYUAN_NEW_ACCOUNTS_INTERVAL_S": "0",
     })
     log = (out / "api.log").open("wb")
     proc = await asyncio.create_subprocess_exec(

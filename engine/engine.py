@@ -442,6 +442,46 @@ class Engine:
                                   [patient_id, ref or "", "fill" if fill else "set"])
         return bool(n)
 
+    async def unmirror_binding(self, account: str, patient_id: str) -> bool:
+        """Drop a binding's ref from the mirror unless it is a tombstone (the
+        binding is no longer verified: holds ask the store). True if dropped."""
+        n = await self.runner.run("writeBinding", [K.binding_mirror(account)],
+                                  [patient_id, "", "drop"])
+        return bool(n)
+
+    async def access(self, account: str, patient_id: str, token_id: str, token_exp_s: int
+                     ) -> tuple[bool, str | None]:
+        """One read for an account request (batched with the holds): whether
+        the token was revoked, and the patient's ref from the binding mirror
+        as ``binding`` answers it (``patient_id=""``: the token only)."""
+        got = await self.runner.run("readAccess", [K.binding_mirror(account)],
+                                    [patient_id, token_id, token_exp_s])
+        ref = got[1]
+        return bool(got[0]), (ref.decode() if isinstance(ref, bytes) else ref)
+
+    async def revoke_tokens(self, account: str, token_id: str | None, until_s: int, *,
+                            restore: bool = False) -> int:
+        """Revoke one token (its id and expiry) or, with ``token_id=None``,
+        every token of the account expiring at or before ``until_s`` (or one
+        second past the previous bound, if that is later; ``restore``: the
+        larger of the two). The bound written."""
+        got = await self.runner.run("revokeTokens", [K.binding_mirror(account)],
+                                    [token_id or "", int(until_s), "restore" if restore else ""])
+        return int(got)
+
+    async def tokens_revoked_until(self, account: str) -> int:
+        """The bound of the account's "every token" revocation (unix s; 0: none)."""
+        got = await self.client.hget(K.binding_mirror(account), "~all")
+        return int(got) if got is not None else 0
+
+    async def limit(self, kind: str, client: str, *, take: bool, interval_ms: int,
+                    burst: int) -> int:
+        """A per-client limiter (``limitAttempts``): 0 if one more is allowed
+        (and, with ``take``, counted), else the milliseconds to wait."""
+        wait = await self.runner.run("limitAttempts", [K.limiter(kind, client)],
+                                     ["take" if take else "peek", interval_ms, burst])
+        return int(wait)
+
     async def _reserve_patient(self, patient: str, rq: str) -> Refused | None:
         """The hospital-wide step on the patient's partition (bans, active limit)."""
         pk = K.PartitionKeys(K.partition_of_patient(patient))

@@ -100,9 +100,15 @@ class PartitionKeys:
 
 
 def binding_mirror(account: str) -> str:
-    """The account's binding mirror (patient id -> ref), one key, untagged:
+    """The account's binding mirror (patient id -> ref) and its token
+    revocations (``~``-fields, see lua/readAccess-1.lua), one key, untagged:
     the scripts that use it take only this key."""
     return f"{PREFIX}:pb:{account}"
+
+
+def limiter(kind: str, client: str) -> str:
+    """A per-client limiter (``limitAttempts``): ``kind`` of attempt, keyed client hash."""
+    return f"{PREFIX}:lim:{kind}:{client}"
 
 
 def partition_of_patient(patient: str) -> int:

@@ -389,6 +389,10 @@ class Crypto:
         """
         return self._hmac("national-id", normalize_national_id(national_id))
 
+    def client_hash(self, address: str) -> str:
+        """Keyed hash of a client address (per-client limits; never the address itself)."""
+        return self._hmac("client", address)[:32]
+
     def openid_hash(self, openid: str) -> str:
         """Keyed hash of a WeChat openid (accounts are looked up by it)."""
         if not openid:

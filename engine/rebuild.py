@@ -206,18 +206,27 @@ async def rebuild(engine: Engine, pool: Any, session_ids: list[str] | None = Non
 async def rebuild_bindings(engine: Engine, pool: Any, *, chunk: int = 2000) -> int:
     """Fill the binding mirror (account -> patient id -> ref, read by every
     hold) from PostgreSQL's active bindings, after Redis lost it or for
-    bindings written around the API. Fill semantics: an entry the mirror
-    already has, a tombstone included, is left alone. Returns how many
-    entries were written."""
+    bindings written around the API, and put back the token revocations
+    that have not expired. Only verified bindings get a ref, with fill
+    semantics: an entry the mirror already has, a tombstone included, is
+    left alone. An unverified binding's ref is dropped (e.g. bound before
+    verification existed). Returns how many entries were written or dropped."""
+    from engine.store.bindings import live_revocations
+
     written = 0
     async with pool.acquire() as conn, conn.transaction():
-        cur = conn.cursor("SELECT account_id, id, id_hash FROM patients"
+        cur = conn.cursor("SELECT account_id, id, id_hash, verification FROM patients"
                           " WHERE unbound_at IS NULL ORDER BY account_id, id")
         batch: list[Any] = []
 
+        async def one(r: Any) -> bool:
+            if r["verification"] in ("self", "data"):
+                return await engine.mirror_binding(r["account_id"], str(r["id"]), r["id_hash"],
+                                                   fill=True)
+            return await engine.unmirror_binding(r["account_id"], str(r["id"]))
+
         async def flush() -> int:
-            got = await asyncio.gather(*(engine.mirror_binding(
-                r["account_id"], str(r["id"]), r["id_hash"], fill=True) for r in batch))
+            got = await asyncio.gather(*(one(r) for r in batch))
             batch.clear()
             return sum(got)
 
@@ -226,4 +235,6 @@ async def rebuild_bindings(engine: Engine, pool: Any, *, chunk: int = 2000) -> i
             if len(batch) >= chunk:
                 written += await flush()
         written += await flush()
+    for rv in await live_revocations(pool):
+        await engine.revoke_tokens(rv.account_id, rv.token_id, rv.until_s, restore=True)
     return written

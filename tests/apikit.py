@@ -39,10 +39,17 @@ def national_id(i: int, *, year: int = 1960) -> str:
     return first + check_digit(first)
 
 
+#: Every test client comes from one address: the per-client limits are off
+#: unless a test turns them on (tests/test_identity.py does).
+NO_CLIENT_LIMITS: dict[str, Any] = dict(
+    admin_failures_interval_s=0, login_failures_interval_s=0, new_accounts_interval_s=0)
+
+
 def settings(redis_url: str, pg_dsn: str, **kw: Any) -> Settings:
     opts: dict[str, Any] = dict(
         redis_url=redis_url, pg_dsn=pg_dsn, crypto=Crypto.generate_dev(),
         admin_token=ADMIN_TOKEN, payment_secret=PAYMENT_SECRET, log_level="warning",
+        **NO_CLIENT_LIMITS,
     )
     opts.update(kw)
     return Settings(**opts)
@@ -68,6 +75,8 @@ def server_env(redis_url: str, pg_dsn: str, **kw: str) -> dict[str, str]:
         "HAOYUAN_REDIS_URL": redis_url, "HAOYUAN_PG_DSN": pg_dsn,
         "HAOYUAN_ADMIN_TOKEN": ADMIN_TOKEN, "HAOYUAN_PAYMENT_SECRET": PAYMENT_SECRET,
         "HAOYUAN_LOG_LEVEL": "warning", "HAOYUAN_ACCESS_LOG": "0",
+        "HAOYUAN_ADMIN_FAILURES_INTERVAL_S": "0", "HAOYUAN_LOGIN_FAILURES_INTERVAL_S": "0",
+        "HAOYUAN_NEW_ACCOUNTS_INTERVAL_S": "0",
     })
     env.update(kw)
     return env

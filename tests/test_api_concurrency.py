@@ -60,7 +60,7 @@ async def _accounts(dsn: str, crypto: Crypto, token_secret: str,
         async with pool.acquire() as conn:
             acct = await q.create_account(conn, crypto.openid_hash(f"{tag}{i}"))
             view = await q.bind_patient(conn, crypto, acct, "张三", "13812345678",
-                                        national_id(i))
+                                        national_id(i), verification="data")
         return {"Authorization": f"Bearer {signer.mint(acct)[0]}"}, view.patient_id
 
     try:

@@ -431,6 +431,7 @@ async def test_spike_end_to_end(
         "HAOYUAN_PAYMENT_SECRET": payment,
         "HAOYUAN_ACCESS_LOG": "0",
         "HAOYUAN_LOG_LEVEL": "warning",
+        "HAOYUAN_NEW_ACCOUNTS_INTERVAL_S": "0",  # the crowd comes from one address
     }
     api = ApiProcess(env, port, tmp_path / "api.log")
     await asyncio.to_thread(api.start)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import asyncpg
@@ -18,6 +19,7 @@ from engine.audit import run_audit
 from engine.pii import Crypto
 from engine.rebuild import rebuild, rebuild_bindings
 from engine.store import queries as q
+from engine.store.bindings import Revocation, record_revocation
 from engine.store.queries import StoredSession, upsert_schedule
 from engine.writer import OutboxWriter, WriterConfig
 from tests.apikit import national_id
@@ -114,27 +116,39 @@ async def test_audit_command_json_and_exit_code(fresh_redis: Any, redis_url: str
 async def test_rebuild_bindings_refills_the_mirror(fresh_redis: Any, redis_url: str,
                                                    db: asyncpg.Pool, fresh_pg_dsn: str) -> None:
     """Redis lost the binding mirror: ``haoyuan rebuild-bindings`` refills it
-    from PostgreSQL's active bindings and leaves what the mirror has alone."""
+    from PostgreSQL's verified bindings, leaves what the mirror has alone,
+    drops the ref of a binding that is not verified (e.g. bound before
+    verification existed), and puts back live token revocations."""
     crypto = Crypto.generate_dev()
     views: list[tuple[str, q.PatientView]] = []
     async with db.acquire() as conn:
         for i in range(5):
             acct = await q.create_account(conn, crypto.openid_hash(f"rb{i}"))
             views.append((acct, await q.bind_patient(conn, crypto, acct, "测试", "13800000000",
-                                                     national_id(700 + i))))
+                                                     national_id(700 + i), verification="data")))
+        old_acct = await q.create_account(conn, crypto.openid_hash("rb-old"))
+        old = await q.bind_patient(conn, crypto, old_acct, "测试", "13800000000",
+                                   national_id(799))  # unverified
     gone_acct, gone = views.pop()
     assert await q.unbind_patient(db, gone_acct, gone.patient_id)
+    until = int(time.time()) + 600
+    await record_revocation(db, Revocation(views[1][0], "tok1", until), "account")
+    await record_revocation(db, Revocation(views[2][0], "tok2", until - 1200), "account")  # expired
     async with Engine.connect(redis_url, config()) as eng:
         await eng.mirror_binding(views[0][0], views[0][1].patient_id, None)  # a tombstone
+        await eng.mirror_binding(old_acct, old.patient_id, old.ref)  # a stale ref
         p = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "engine.cli", "rebuild-bindings", "--redis-url", redis_url,
             "--pg-dsn", fresh_pg_dsn, cwd=ROOT, stdout=asyncio.subprocess.PIPE)
         out, _ = await p.communicate()
-        assert p.returncode == 0 and json.loads(out) == {"written": 3}
+        assert p.returncode == 0 and json.loads(out) == {"written": 4}  # 3 refs, 1 dropped
         assert await eng.binding(views[0][0], views[0][1].patient_id) == ""  # left alone
         for acct, v in views[1:]:
             assert await eng.binding(acct, v.patient_id) == v.ref != ""
         assert await eng.binding(gone_acct, gone.patient_id) is None
+        assert await eng.binding(old_acct, old.patient_id) is None  # holds ask the store
+        assert await eng.access(views[1][0], "", "tok1", until) == (True, None)
+        assert await eng.access(views[2][0], "", "tok2", until) == (False, None)
         assert await rebuild_bindings(eng, db) == 0  # idempotent
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgspec
@@ -627,9 +628,63 @@ async def test_binding_mirror_every_outcome(eng: Engine) -> None:
         await eng.mirror_binding("a1", "pid-2", None, fill=True)
 
 
+async def test_access_reads_revocations_and_the_binding_in_one_call(eng: Engine) -> None:
+    now = int(time.time())
+    assert await eng.access("a1", "pid-1", "t1", now + 100) == (False, None)
+    await eng.mirror_binding("a1", "pid-1", "ref1")
+    assert await eng.access("a1", "pid-1", "t1", now + 100) == (False, "ref1")
+    assert await eng.revoke_tokens("a1", "t1", now + 100) == now + 100  # logout
+    assert await eng.access("a1", "pid-1", "t1", now + 100) == (True, "ref1")
+    assert await eng.access("a1", "", "t2", now + 100) == (False, None)  # another token
+    assert await eng.access("a2", "", "t1", now + 100) == (False, None)  # another account
+    assert await eng.revoke_tokens("a1", None, now + 50) == now + 50  # every token
+    assert (await eng.access("a1", "", "t2", now + 50))[0]
+    assert not (await eng.access("a1", "", "t2", now + 51))[0]
+    # A second revocation in the same second covers a token minted past the first.
+    assert await eng.revoke_tokens("a1", None, now + 50) == now + 51
+    assert await eng.revoke_tokens("a1", None, now + 10, restore=True) == now + 51
+    assert await eng.tokens_revoked_until("a1") == now + 51
+    assert await eng.tokens_revoked_until("a2") == 0
+    # Entries of expired tokens are dropped by the next write.
+    await eng.revoke_tokens("a1", "gone", now - 5)
+    await eng.revoke_tokens("a1", "t3", now + 100)
+    fields = set(await eng.client.hkeys("hy:pb:a1"))
+    assert b"~t:gone" not in fields and {b"~t:t1", b"~t:t3", b"~all", b"pid-1"} <= fields
+    # A binding no longer verified leaves the mirror; a tombstone stays.
+    assert await eng.unmirror_binding("a1", "pid-1")
+    assert await eng.binding("a1", "pid-1") is None
+    await eng.mirror_binding("a1", "pid-2", None)
+    assert not await eng.unmirror_binding("a1", "pid-2")
+    assert await eng.binding("a1", "pid-2") == ""
+
+
+async def test_limit_attempts_per_client(eng: Engine) -> None:
+    kw: dict[str, Any] = dict(interval_ms=60_000, burst=3)
+    for _ in range(10):  # a peek counts nothing
+        assert await eng.limit("login", "c1", take=False, **kw) == 0
+    for _ in range(3):
+        assert await eng.limit("login", "c1", take=True, **kw) == 0
+    wait = await eng.limit("login", "c1", take=False, **kw)
+    assert 0 < wait <= 60_000
+    assert await eng.limit("login", "c1", take=True, **kw) > 0
+    assert await eng.limit("login", "c2", take=True, **kw) == 0  # per client
+    assert await eng.limit("admin", "c1", take=True, **kw) == 0  # per kind
+
+
 @pytest.mark.parametrize(
     ("script", "args"),
     [
+        ("readAccess", ["pid"]),
+        ("readAccess", ["pid", "", "1"]),
+        ("readAccess", ["~all", "t", "1"]),
+        ("readAccess", ["pid", "t", "soon"]),
+        ("revokeTokens", ["t", "soon"]),
+        ("revokeTokens", ["a b", "1"]),
+        ("revokeTokens", ["t", "-1"]),
+        ("limitAttempts", ["poke", "1", "1"]),
+        ("limitAttempts", ["take", "0", "1"]),
+        ("limitAttempts", ["take", "1", "0"]),
+        ("writeBinding", ["~all", "ref", "set"]),
         ("readBinding", [""]),
         ("writeBinding", ["", "ref", "set"]),
         ("writeBinding", ["pid", "ref", "upsert"]),

@@ -1,5 +1,6 @@
-"""Admin (separate credentials): import sessions, change capacity, suspend or
-resume a session, look up a booking, run the audit."""
+"""Admin (staff tokens, by role): import sessions, change capacity, suspend or
+resume a session (operator), look up a booking (any staff), run the audit
+(operator, finance). Every change is a row of the staff audit trail."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from litestar.params import Parameter
 from api import catalog
 from api.context import api_of
 from api.docs import ADMIN, errors
-from api.guards import admin_required
+from api.guards import admin_required, staff_required
 from api.problems import ProblemError, refused
 from api.schemas import HOLD_ID_RE, CapacityIn, SuspendIn
+from api.trail import record
 from engine.model import SessionSpec
 from engine.outcomes import Loaded, Refused, SlotLoad
 from engine.rules import HospitalRules, apply_rules, load_rules
@@ -68,6 +70,7 @@ class AdminBookingOut(msgspec.Struct, frozen=True, kw_only=True):
 
 _MAX_IMPORT = 500
 SessionList = Annotated[list[SessionSpec], msgspec.Meta(min_length=1, max_length=_MAX_IMPORT)]
+_OPERATOR = staff_required("operator")
 _STATES = {"h": "held", "b": "booked", "x": "expired", "v": "released", "c": "cancelled",
            "r": "refund_due"}
 
@@ -78,7 +81,8 @@ class AdminController(Controller):
     before_request = staticmethod(admin_required)
     security = ADMIN
 
-    @post("/sessions", status_code=200, responses=errors(401, 409, 422),
+    @post("/sessions", status_code=200, responses=errors(401, 403, 409, 422),
+          before_request=_OPERATOR,
           summary="Import sessions (the engine's session JSON): catalogue and inventory")
     async def import_sessions(
         self,
@@ -122,6 +126,8 @@ class AdminController(Controller):
         except ValueError as exc:  # duplicate session ids
             raise ProblemError.of("invalid-input", str(exc),
                                   instance=request.scope["path"]) from None
+        await record(request, "sessions.import", None, sessions=[s.session_id for s in data],
+                     apply_rules=with_rules)
         for s in data:
             api.release_times.forget(s.session_id)
             api.soldout.clear(s.session_id)
@@ -129,8 +135,8 @@ class AdminController(Controller):
         api.catalog_cache.clear()
         return Imported(sessions=loaded)
 
-    @put("/sessions/{session_id:str}/slots/{slot_id:str}/capacity",
-         responses=errors(401, 404, 409, 422), summary="Change a slot's capacity")
+    @put("/sessions/{session_id:str}/slots/{slot_id:str}/capacity", before_request=_OPERATOR,
+         responses=errors(401, 403, 404, 409, 422), summary="Change a slot's capacity")
     async def capacity(
         self, request: Request[Any, Any, Any], session_id: str, slot_id: str, data: CapacityIn
     ) -> SlotLoad:
@@ -141,13 +147,15 @@ class AdminController(Controller):
         if isinstance(out, Refused):
             raise ProblemError(refused(out, request.scope["path"]))
         await catalog.set_slot_capacity(api.pool, session_id, slot_id, out.capacity)
+        await record(request, "slot.capacity", f"{session_id}/{slot_id}",
+                     requested=data.capacity, capacity=out.capacity)
         api.soldout.clear(session_id)
         api.availability_cache.forget("s:" + session_id)
         api.catalog_cache.clear()
         return out
 
-    @post("/sessions/{session_id:str}/suspend", status_code=200,
-          responses=errors(401, 404, 409, 422), summary="Suspend a session (停诊)")
+    @post("/sessions/{session_id:str}/suspend", status_code=200, before_request=_OPERATOR,
+          responses=errors(401, 403, 404, 409, 422), summary="Suspend a session (停诊)")
     async def suspend(
         self, request: Request[Any, Any, Any], session_id: str, data: SuspendIn
     ) -> SuspendedOut:
@@ -157,17 +165,21 @@ class AdminController(Controller):
         if isinstance(out, Refused):
             raise ProblemError(refused(out, request.scope["path"]))
         await q.set_session_status(api.pool, session_id, "suspended")
+        await record(request, "session.suspend", session_id, reason=data.reason,
+                     cancelled=out.cancelled, released=out.released)
         api.availability_cache.forget("s:" + session_id)
         api.catalog_cache.clear()
         return SuspendedOut(out.session_id, out.cancelled, out.released, out.server_ms)
 
-    @post("/sessions/{session_id:str}/resume", status_code=200, responses=errors(401, 404),
+    @post("/sessions/{session_id:str}/resume", status_code=200, before_request=_OPERATOR,
+          responses=errors(401, 403, 404),
           summary="Reopen a suspended session")
     async def resume(self, request: Request[Any, Any, Any], session_id: str) -> ResumedOut:
         api = api_of(request)
         if not await api.engine.resume(session_id):
             raise ProblemError.of("not-found", "no such session", instance=request.scope["path"])
         await q.set_session_status(api.pool, session_id, "open")
+        await record(request, "session.resume", session_id)
         api.availability_cache.forget("s:" + session_id)
         api.catalog_cache.clear()
         return ResumedOut(session_id)
@@ -199,7 +211,8 @@ class AdminController(Controller):
             his_status=None if row is None else row.his_status,
             his_id=None if row is None else row.his_id)
 
-    @post("/audit", status_code=200, responses=errors(401),
+    @post("/audit", status_code=200, responses=errors(401, 403),
+          before_request=staff_required("operator", "finance"),
           summary="Audit conservation of every session (capacity = free + held + booked)")
     async def audit(self, request: Request[Any, Any, Any]) -> AuditOut:
         api = api_of(request)
@@ -213,4 +226,5 @@ class AdminController(Controller):
         run_id = await q.record_audit_run(
             api.pool, started_at=started, finished_at=dt.datetime.now(dt.UTC), ok=ok,
             sessions=len(sids), breaches=breaches)
+        await record(request, "audit.run", str(run_id), ok=ok, sessions=len(sids))
         return AuditOut(ok=ok, sessions=len(sids), breaches=breaches, run_id=run_id)

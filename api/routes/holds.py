@@ -7,11 +7,19 @@ POST /v1/holds is the release-morning hot path. In order, cheapest first:
 2. "sold out" from this worker's sold-out cache (no Redis call) for
    requests without an Idempotency-Key; a keyed request's cached sold-out
    is stored under its key first (Engine.remember_refusal: one tiny script,
-   batched), or its stored answer is returned if it has one, so a key gets
-   the same answer on every worker, however often it is retried;
-3. the patient ref from the per-worker cache (PostgreSQL on first use only);
+   batched, after step 3), or its stored answer is returned if it has one,
+   so a key gets the same answer on every worker, however often it is retried;
+3. the token's revocation and the patient ref, one batched Redis read
+   (``Api.patient_access``; PostgreSQL only when the binding mirror misses):
+   401 for a revoked token, 404 for a patient not the account's, 403
+   ``patient-unverified`` for a binding whose real name is not verified;
 4. admission: above ``max_inflight`` engine calls in flight, 429 at once;
 5. one engine call (one Lua script, batched with concurrent calls).
+
+The not-open and unkeyed sold-out answers come from this worker's caches
+and tell what the public availability endpoint tells anyone; every answer
+that reads or changes anything of an account's (step 3 on, keyed sold-outs
+included) sees a revoked token at once.
 """
 
 from __future__ import annotations
@@ -24,9 +32,10 @@ import structlog
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import Parameter
 
+from api.auth import Bearer
 from api.context import Api, api_of
 from api.docs import ACCOUNT, PAYMENT, errors
-from api.guards import account_of, account_required, payment_signed
+from api.guards import account_of, account_required, bearer_of, payment_signed
 from api.problems import REASONS, ProblemError, json_response, problem, refused, retry_after
 from api.schemas import HOLD_ID_RE, BookingOut, HoldIn, HoldOut, HoldView, PaymentIn, ReleasedOut
 from engine.outcomes import MESSAGES, Held, Reason, Refused
@@ -38,6 +47,7 @@ _SOLD_OUT = REASONS[Reason.SOLD_OUT]
 _STATES = {"h": "held", "b": "booked", "x": "expired", "v": "released", "c": "cancelled",
            "r": "refund_due"}
 _REPLAYED = {"Idempotent-Replayed": "true"}
+_BEARER = {"WWW-Authenticate": 'Bearer realm="haoyuan"'}
 
 
 def shed(api: Api, op: str, path: str) -> Response[Any]:
@@ -74,11 +84,28 @@ async def own_record(api: Api, record_id: str, account: str, path: str) -> dict[
     return rec
 
 
+async def patient_or_problem(api: Api, who: Bearer, patient_id: str, path: str, op: str
+                             ) -> str | Response[Any]:
+    """The ref of a verified patient of the account, or the problem to answer."""
+    acc = await api.patient_access(who, patient_id)
+    if acc.revoked:
+        return problem("unauthorized", "the token was revoked", instance=path, headers=_BEARER)
+    if acc.ref is None:
+        return problem("not-found", "no such patient", instance=path)
+    if not acc.verified:
+        api.metrics.decision(op, "patient-unverified")
+        return problem("patient-unverified",
+                       "the patient's real name is not verified: POST /v1/patients/{id}/verify",
+                       instance=path)
+    return acc.ref
+
+
 async def decide_hold(
-    api: Api, account: str, data: HoldIn, idempotency_key: str | None, path: str
+    api: Api, who: Bearer, data: HoldIn, idempotency_key: str | None, path: str
 ) -> Response[Any]:
     """The hold decision, cheapest answers first (see the module docstring)."""
     m = api.metrics
+    account = who.account
     sid, slot = data.session_id, data.slot_id
     release_at = api.release_times.get(sid)
     if release_at is not None:
@@ -92,9 +119,9 @@ async def decide_hold(
         m.decision("hold", "sold-out-cached")
         return problem(_SOLD_OUT, MESSAGES[Reason.SOLD_OUT], instance=path,
                        server_ms=api.clock.now_ms())
-    patient = await api.patient_ref(account, data.patient_id)
-    if patient is None:
-        return problem("not-found", "no such patient", instance=path)
+    patient = await patient_or_problem(api, who, data.patient_id, path, "hold")
+    if not isinstance(patient, str):
+        return patient
     if not api.admission.enter():
         return shed(api, "hold", path)
     t0 = time.perf_counter()
@@ -144,9 +171,11 @@ class HoldController(Controller):
         """201 with the hold (pay before ``expires_at_ms``); 409 not-open (with
         ``release_at_ms`` and ``server_ms``), sold-out, duplicate, suspended or
         closed; 429 rate-limited or shed (Retry-After); 404 for a patient that
-        is not the account's. (Served by ``api.fastpath`` in front of Litestar
-        when the request is well-formed; this handler is its twin and fallback.)"""
-        return await decide_hold(api_of(request), account_of(request), data, idempotency_key,
+        is not the account's; 403 ``patient-unverified`` for a patient whose
+        real name is not verified, ``banned`` for a barred one. (Served by
+        ``api.fastpath`` in front of Litestar when the request is well-formed;
+        this handler is its twin and fallback.)"""
+        return await decide_hold(api_of(request), bearer_of(request), data, idempotency_key,
                                  request.scope["path"])
 
     @get("/{hold_id:str}", before_request=account_required, security=ACCOUNT,

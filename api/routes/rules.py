@@ -1,7 +1,9 @@
 """Admin, hospital rules: the rules per hospital, attendance and bans (the
 no-show policy), and holds made by staff for the staff channels (号源池).
 
-Same admin token as ``api.routes.admin``. Sessions imported with
+Staff tokens as ``api.routes.admin``: rules and ban lifts need an operator,
+attendance a window clerk or an operator, staff-channel holds a window
+clerk; every change is a row of the staff audit trail. Sessions imported with
 ``?apply_rules=true`` take their release calendar, pools, waitlist and
 deadlines from the rules stored here (``engine.rules.apply_rules``).
 """
@@ -18,9 +20,10 @@ from litestar.params import Parameter
 from api import catalog
 from api.context import api_of
 from api.docs import ADMIN, errors
-from api.guards import admin_required
+from api.guards import admin_required, staff_of, staff_required
 from api.problems import ProblemError, json_response, refused
 from api.schemas import HOLD_ID_RE, AttendanceIn, BanLiftedOut, HoldOut, StaffHoldIn
+from api.trail import record
 from engine.outcomes import Held
 from engine.rules import (
     AttendanceResult,
@@ -36,6 +39,7 @@ _NAME = re.compile(r"[^\s|]{1,64}")
 _REF = re.compile(r"[A-Za-z0-9_:.-]{1,128}", re.ASCII)
 _encode = msgspec.json.Encoder().encode
 _REPLAYED = {"Idempotent-Replayed": "true"}
+_OPERATOR = staff_required("operator")
 
 __all__ = ["RulesController"]
 
@@ -59,14 +63,15 @@ class RulesController(Controller):
     before_request = staticmethod(admin_required)
     security = ADMIN
 
-    @get("/rules/{hospital_id:str}", responses=errors(401, 404),
+    @get("/rules/{hospital_id:str}", responses=errors(401, 403, 404), before_request=_OPERATOR,
          summary="A hospital's rules (the defaults if none are stored)")
     async def get_rules(self, request: Request[Any, Any, Any], hospital_id: str) -> HospitalRules:
         if not _NAME.fullmatch(hospital_id):
             raise ProblemError.of("not-found", "no such hospital", instance=request.scope["path"])
         return await load_rules(api_of(request).pool, hospital_id)
 
-    @put("/rules/{hospital_id:str}", responses=errors(401, 404, 422),
+    @put("/rules/{hospital_id:str}", responses=errors(401, 403, 404, 422),
+         before_request=_OPERATOR,
          summary="Replace a hospital's rules (default and department overrides)")
     async def put_rules(
         self, request: Request[Any, Any, Any], hospital_id: str, data: HospitalRules
@@ -82,10 +87,12 @@ class RulesController(Controller):
             raise ProblemError.of("invalid-input", wrong, instance=path)
         api = api_of(request)
         await save_rules(api.pool, hospital_id, data)
+        await record(request, "rules.put", hospital_id,
+                     departments=sorted(data.departments))
         return await load_rules(api.pool, hospital_id)
 
     @post("/bookings/{booking_id:str}/attendance", status_code=200,
-          responses=errors(401, 404, 422),
+          responses=errors(401, 403, 404, 422), before_request=staff_required("clerk", "operator"),
           summary="Record whether the patient came (no-shows may ban the patient)")
     async def attendance(
         self, request: Request[Any, Any, Any], booking_id: str, data: AttendanceIn
@@ -102,19 +109,24 @@ class RulesController(Controller):
         out = await record_attendance(api.pool, api.engine, booking_id, data.attended, rules)
         if out is None:
             raise ProblemError.of("not-found", "no such booked booking", instance=path)
+        await record(request, "booking.attendance", booking_id, attended=data.attended,
+                     banned_until_ms=out.banned_until_ms)
         return out
 
-    @delete("/patients/{patient_ref:str}/ban", status_code=200, responses=errors(401, 404),
+    @delete("/patients/{patient_ref:str}/ban", status_code=200, responses=errors(401, 403, 404),
+            before_request=_OPERATOR,
             summary="Lift a patient's ban")
     async def lift(self, request: Request[Any, Any, Any], patient_ref: str) -> BanLiftedOut:
         """Idempotent: ``lifted`` counts the bans lifted by this call (0 if none)."""
         api = api_of(request)
         if not _REF.fullmatch(patient_ref):
             raise ProblemError.of("not-found", "no such patient", instance=request.scope["path"])
-        n = await lift_ban(api.pool, api.engine, patient_ref, "admin")
+        n = await lift_ban(api.pool, api.engine, patient_ref, staff_of(request).id)
+        await record(request, "ban.lift", patient_ref, lifted=n)
         return BanLiftedOut(patient_ref=patient_ref, lifted=n)
 
     @post("/holds", status_code=201, responses=errors(401, 403, 404, 409, 422, 429),
+          before_request=staff_required("clerk"),
           summary="Hold a unit for a patient of a staff channel (phone, window, referral)")
     async def staff_hold(
         self,
@@ -137,6 +149,9 @@ class RulesController(Controller):
             api.metrics.decision("staff_hold", out.reason.value)
             return refused(out, path)
         api.metrics.decision("staff_hold", "held")
+        if not out.replay:
+            await record(request, "hold.staff", out.hold_id, session_id=out.session_id,
+                         slot_id=out.slot_id, channel=data.channel, patient_ref=data.patient_ref)
         api.availability_cache.forget("s:" + data.session_id)
         body = HoldOut(out.hold_id, out.session_id, out.slot_id, out.unit,
                        out.expires_at_ms, out.server_ms, out.replay)

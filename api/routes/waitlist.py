@@ -15,9 +15,10 @@ from litestar import Controller, Request, Response, delete, post
 
 from api.context import api_of
 from api.docs import ACCOUNT, errors
-from api.guards import account_of, account_required
+from api.guards import account_of, account_required, bearer_of
 from api.problems import ProblemError, json_response, problem, refused
 from api.routes.browse import _ID
+from api.routes.holds import patient_or_problem
 from api.schemas import WaitlistIn, WaitlistOut
 from engine.outcomes import Reason, Refused
 
@@ -31,7 +32,8 @@ class WaitlistController(Controller):
     before_request = staticmethod(account_required)
     security = ACCOUNT
 
-    @post("/{session_id:str}/waitlist", status_code=201, responses=errors(401, 404, 409, 422),
+    @post("/{session_id:str}/waitlist", status_code=201,
+          responses=errors(401, 403, 404, 409, 422),
           summary="Join the waitlist (候补) of a sold-out session")
     async def join(
         self, request: Request[Any, Any, Any], session_id: str, data: WaitlistIn
@@ -40,15 +42,17 @@ class WaitlistController(Controller):
         answers 200 with the same position. 409 ``units-free`` while units
         can be held, ``duplicate`` (the patient already holds or booked that
         day), ``waitlist-full``, ``suspended`` or ``closed`` (past the cut-off);
-        404 for a session that does not exist or a patient not the account's."""
+        404 for a session that does not exist or a patient not the account's;
+        403 ``patient-unverified`` for a patient whose real name is not verified."""
         api = api_of(request)
         path: str = request.scope["path"]
         account = account_of(request)
         if not _ID.fullmatch(session_id):
             raise ProblemError.of("not-found", "no such session", instance=path)
-        patient = await api.patient_ref(account, data.patient_id)
-        if patient is None:
-            raise ProblemError.of("not-found", "no such patient", instance=path)
+        patient = await patient_or_problem(api, bearer_of(request), data.patient_id, path,
+                                           "waitlist")
+        if not isinstance(patient, str):
+            return patient
         out = await api.engine.join_waitlist(session_id, patient=patient, account=account)
         if isinstance(out, Refused):
             api.metrics.decision("waitlist", out.reason.value)
@@ -73,9 +77,10 @@ class WaitlistController(Controller):
         api = api_of(request)
         path: str = request.scope["path"]
         account = account_of(request)
-        patient = await api.patient_ref(account, patient_id)
-        if patient is None:
+        acc = await api.patient_access(bearer_of(request), patient_id)
+        if acc.ref is None:  # an unverified patient may leave (it could not have joined)
             raise ProblemError.of("not-found", "no such patient", instance=path)
+        patient = acc.ref
         if _ID.fullmatch(session_id) and await api.engine.leave_waitlist(
                 session_id, patient=patient, account=account):
             api.availability_cache.forget("s:" + session_id)

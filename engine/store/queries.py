@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -30,6 +30,7 @@ __all__ = [
     "AccountPatientLimit",
     "BookingRow",
     "Connection",
+    "IdAccountLimit",
     "PatientView",
     "Queryable",
     "ScheduleConflict",
@@ -42,8 +43,10 @@ __all__ = [
     "bookings_for_account",
     "count_bound",
     "create_account",
+    "find_account",
     "get_patient_ref",
     "list_patients",
+    "lock_id",
     "record_audit_run",
     "set_session_status",
     "unbind_patient",
@@ -263,6 +266,13 @@ async def set_session_status(
 # --------------------------------------------------------------------------- accounts
 
 
+async def find_account(db: Queryable, openid_hash: str) -> str | None:
+    """The account id of a (keyed) openid hash, or None if it has none yet."""
+    got: str | None = await db.fetchval(
+        "SELECT id FROM accounts WHERE openid_hash = $1", openid_hash)
+    return got
+
+
 async def create_account(db: Queryable, openid_hash: str) -> str:
     """The account id for a (keyed) openid hash, created on first sight. Idempotent."""
     if not openid_hash:
@@ -295,6 +305,17 @@ class PatientView(msgspec.Struct, frozen=True):
     #: The engine's patient ref (keyed hash of the ID): for the engine and its
     #: binding mirror, never shown in an answer.
     ref: str = ""
+    #: The real-name check's state (``engine.identity.Verification``): only
+    #: ``self`` and ``data`` may hold.
+    verification: str = "unverified"
+
+    @property
+    def verified(self) -> bool:
+        return self.verification in ("self", "data")
+
+
+class IdAccountLimit(ValueError):
+    """The national ID is bound to the maximum number of accounts."""
 
 
 class AccountPatientLimit(ValueError):
@@ -321,7 +342,17 @@ def _view(crypto: Crypto, r: Any) -> PatientView:
         masked_id=mask_id(dec("national_id_enc")),
         created_at=r["created_at"],
         ref=r["id_hash"],
+        verification=r["verification"],
     )
+
+
+#: Advisory lock namespace of one national ID's bindings (with hashtext(id_hash)).
+_ID_LOCK = 20050
+
+
+async def lock_id(conn: Queryable, ref: str) -> None:
+    """Serialise changes to one ID's bindings until the transaction ends."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _ID_LOCK, ref)
 
 
 async def bind_patient(
@@ -333,6 +364,10 @@ async def bind_patient(
     national_id: str,
     *,
     max_bound: int | None = None,
+    verification: str = "unverified",
+    verification_ref: str | None = None,
+    max_accounts: int | None = None,
+    on_displace: Callable[[str, str], Awaitable[None]] | None = None,
 ) -> PatientView:
     """Bind a real-name patient to an account; the masked view of the binding.
 
@@ -342,6 +377,16 @@ async def bind_patient(
     account returns the existing binding (idempotent). With ``max_bound``,
     a new binding beyond that many raises ``AccountPatientLimit`` (checked
     under a row lock on the account, so concurrent binds cannot overshoot).
+
+    ``verification`` is the real-name check's outcome for the new binding
+    (``engine.identity.verification_of``). With ``max_accounts``, one ID is
+    bound to at most that many accounts (under a lock on the ID): a verified
+    binding displaces the oldest unverified ones of other accounts to make
+    room (``on_displace(account, patient id)`` runs for each inside the
+    transaction, before the commit: the binding mirror's tombstone) and is
+    refused (``IdAccountLimit``) only when that many other accounts hold
+    verified bindings; a ``self``-verified binding (the person) is never
+    refused; an unverified one only gets a free place.
     """
     nid = normalize_national_id(national_id)
     tel = normalize_phone(phone)
@@ -354,7 +399,8 @@ async def bind_patient(
     def enc(column: str, value: str) -> bytes:
         return crypto.encrypt(value, table="patients", column=column, row_id=pid)
 
-    cols = "id, name_enc, phone_enc, national_id_enc, created_at, id_hash"
+    cols = "id, name_enc, phone_enc, national_id_enc, created_at, id_hash, verification"
+    verified = verification in ("self", "data")
     async with conn.transaction():
         locked = await conn.fetchval("SELECT id FROM accounts WHERE id = $1 FOR UPDATE", account_id)
         if locked is None:
@@ -373,9 +419,12 @@ async def bind_patient(
                 )
                 if n >= max_bound:
                     raise AccountPatientLimit(f"an account binds at most {max_bound} patients")
+            if max_accounts is not None:
+                await _make_room(conn, ref, account_id, verification, max_accounts, on_displace)
             row = await conn.fetchrow(
                 "INSERT INTO patients (id, account_id, id_hash, name_enc, phone_enc,"
-                " national_id_enc, key_id) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+                " national_id_enc, key_id, verification, verified_at, verification_ref)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
                 f" RETURNING {cols}",
                 uuid.UUID(pid),
                 account_id,
@@ -384,14 +433,51 @@ async def bind_patient(
                 enc("phone_enc", tel),
                 enc("national_id_enc", nid),
                 crypto.active_key_id,
+                verification,
+                dt.datetime.now(dt.UTC) if verified else None,
+                verification_ref,
             )
     return _view(crypto, row)
+
+
+async def _make_room(
+    conn: Connection,
+    ref: str,
+    account_id: str,
+    verification: str,
+    max_accounts: int,
+    on_displace: Callable[[str, str], Awaitable[None]] | None,
+) -> None:
+    """The per-ID limit of ``bind_patient`` (see there), under the ID's lock."""
+    await lock_id(conn, ref)
+    others = await conn.fetch(
+        "SELECT id, account_id, verification FROM patients"
+        " WHERE id_hash = $1 AND unbound_at IS NULL AND account_id <> $2"
+        " ORDER BY created_at, id",
+        ref,
+        account_id,
+    )
+    unverified = [o for o in others if o["verification"] not in ("self", "data")]
+    held_by_verified = len(others) - len(unverified)
+    if verification != "self":
+        full = held_by_verified if verification == "data" else len(others)
+        if full >= max_accounts:
+            raise IdAccountLimit(f"an ID number is bound to at most {max_accounts} accounts")
+    for o in unverified[: max(0, len(others) + 1 - max_accounts)]:
+        if on_displace is not None:
+            await on_displace(o["account_id"], str(o["id"]))
+        await conn.execute(
+            "UPDATE patients SET unbound_at = now(), unbound_reason = 'displaced'"
+            " WHERE id = $1",
+            o["id"],
+        )
 
 
 async def list_patients(db: Queryable, crypto: Crypto, account_id: str) -> list[PatientView]:
     """The account's bound patients, oldest first, masked."""
     rows = await db.fetch(
-        "SELECT id, name_enc, phone_enc, national_id_enc, created_at, id_hash FROM patients"
+        "SELECT id, name_enc, phone_enc, national_id_enc, created_at, id_hash, verification"
+        " FROM patients"
         " WHERE account_id = $1 AND unbound_at IS NULL ORDER BY created_at, id",
         account_id,
     )
