@@ -29,6 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine import keys as K
+from engine import replies as R
 from engine.model import SessionSpec
 from engine.outcomes import (
     Availability,
@@ -48,10 +49,9 @@ from engine.outcomes import (
     SlotLoad,
     Suspended,
     Waitlisted,
-    refused_from,
-    restore_from,
 )
-from engine.scripts import AnyRedis, Arg, ScriptError, ScriptRunner
+from engine.replies import HoldReply, Reply
+from engine.scripts import AnyRedis, ScriptError, ScriptRunner
 
 __all__ = ["Engine", "EngineConfig", "ScriptError", "SessionRef"]
 
@@ -214,10 +214,6 @@ class Engine:
         if self._own_client:
             await self.client.aclose()
 
-    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Arg]) -> dict[str, Any]:
-        raw = await self.runner.run(name, keys, args)
-        return _decode(raw)
-
     @property
     def _off(self) -> int:
         return self.config.clock_offset_ms
@@ -240,8 +236,8 @@ class Engine:
         p = K.partition_of(spec.dept, spec.date)
         sk, pk = K.SessionKeys(p, spec.session_id), K.PartitionKeys(p)
         marker = (epoch or new_epoch()) if open_partition else ""
-        d = await self._run(
-            "loadSession",
+        d = await self.runner.call(
+            R.LOAD_SESSION,
             [sk.meta, sk.free, sk.units, pk.dept_day(spec.dept, spec.date), pk.sessions, pk.epoch],
             [spec.session_id, spec.lua_json(), marker],
         )
@@ -252,9 +248,9 @@ class Engine:
         return Loaded(
             session_id=spec.session_id,
             partition=p,
-            created=bool(d["created"]),
-            slots=[SlotLoad(s["id"], int(s["cap"]), int(s["requested"])) for s in d["slots"]],
-            open=bool(d["open"]),
+            created=d.created,
+            slots=[SlotLoad(s.id, s.cap, s.requested) for s in d.slots],
+            open=bool(d.open),
         )
 
     # -- the recovery marker (lua/includes/common.lua ``recovering``) --------
@@ -319,8 +315,7 @@ class Engine:
         return ref
 
     async def _not_found(self, what: str) -> Refused:
-        r = refused_from({"o": Code.NOT_FOUND, "now": await self.server_time_ms(), "what": what})
-        return r
+        return Reply(o=Code.NOT_FOUND, now=await self.server_time_ms(), what=what).refused()
 
     async def set_capacity(
         self, session_id: str, slot_id: str, capacity: int
@@ -328,28 +323,28 @@ class Engine:
         ref = await self.ref(session_id)
         if ref is None:
             return await self._not_found("session")
-        d = await self._run(
-            "setCapacity", [ref.keys.meta, ref.keys.free], [slot_id, capacity]
+        d = await self.runner.call(
+            R.SET_CAPACITY, [ref.keys.meta, ref.keys.free], [slot_id, capacity]
         )
-        if d["o"] != Code.OK:
-            return refused_from(d)
-        return SlotLoad(slot_id, int(d["cap"]), int(d["requested"]))
+        if not d.ok:
+            return d.refused()
+        return SlotLoad(slot_id, d.cap, d.requested)
 
     async def suspend(self, session_id: str, reason: str = "doctor_stopped") -> Suspended | Refused:
         ref = await self.ref(session_id)
         if ref is None:
             return await self._not_found("session")
-        d = await self._run("suspendSession", ref.bundle, [reason, self._off])
-        if d["o"] != Code.OK:
-            return refused_from(d)
-        return Suspended(session_id, int(d["cancelled"]), int(d["released"]), int(d["now"]))
+        d = await self.runner.call(R.SUSPEND_SESSION, ref.bundle, [reason, self._off])
+        if not d.ok:
+            return d.refused()
+        return Suspended(session_id, d.cancelled, d.released, d.now)
 
     async def resume(self, session_id: str) -> bool:
         ref = await self.ref(session_id)
         if ref is None:
             return False
-        d = await self._run("resumeSession", [ref.keys.meta], [self._off])
-        return bool(d["o"] == Code.OK)
+        d = await self.runner.call(R.RESUME_SESSION, [ref.keys.meta], [self._off])
+        return d.ok
 
     # -- the grab ----------------------------------------------------------
     async def hold(
@@ -384,8 +379,8 @@ class Engine:
             if r is not None:
                 return r
         pk = sk_part(ref)
-        d = await self._run(
-            "holdUnit",
+        d = await self.runner.call(
+            R.HOLD_UNIT,
             [*ref.bundle, pk.idempotency(account, rq), pk.rate_account(account),
              pk.rate_patient(patient)],
             [session_id, slot_id, patient, account, pools,
@@ -394,12 +389,12 @@ class Engine:
              c.idempotency_ttl_ms, c.reclaim_per_hold, self._off,
              "0" if idempotency_key is None else "1", _rnd(), f"{account}:{rq}"],
         )
-        if d["o"] != Code.OK:
+        if not d.ok:
             if c.patient_rules:  # compensation: the patient-wide place goes back
                 await self._settle_patient(patient, f"{account}:{rq}", 0)
-            return refused_from(d)
+            return d.refused()
         if c.patient_rules:
-            await self._settle_patient(patient, f"{account}:{rq}", int(d["dl"]) + 1000)
+            await self._settle_patient(patient, f"{account}:{rq}", d.dl + 1000)
         return _held(d)
 
     async def remember_refusal(
@@ -414,18 +409,18 @@ class Engine:
         if ref is None:
             return await self._not_found("session")
         key = K.PartitionKeys(ref.partition).idempotency(account, idempotency_key)
-        d = await self._run(
-            "rememberRefusal", [key],
+        d = await self.runner.call(
+            R.REMEMBER_REFUSAL, [key],
             [session_id, slot_id, patient, int(Code.SOLD_OUT), self.config.idempotency_ttl_ms,
              self._off],
         )
-        return _held(d) if d["o"] == Code.OK else refused_from(d)
+        return _held(d) if d.ok else d.refused()
 
     async def binding(self, account: str, patient_id: str) -> str | None:
         """The patient ref of one of the account's patients from the binding
         mirror: the ref, ``""`` if the binding is known to be gone, ``None``
         if the mirror does not know it (ask the store). Batched with the holds."""
-        got = await self.runner.run("readBinding", [K.binding_mirror(account)], [patient_id])
+        got = await self.runner.call(R.READ_BINDING, [K.binding_mirror(account)], [patient_id])
         if got is None:
             return None
         return got.decode() if isinstance(got, bytes) else str(got)
@@ -438,15 +433,15 @@ class Engine:
         that an unbind wrote meanwhile. True if written."""
         if fill and ref is None:
             raise ValueError("fill needs a ref")
-        n = await self.runner.run("writeBinding", [K.binding_mirror(account)],
-                                  [patient_id, ref or "", "fill" if fill else "set"])
+        n = await self.runner.call(R.WRITE_BINDING, [K.binding_mirror(account)],
+                                   [patient_id, ref or "", "fill" if fill else "set"])
         return bool(n)
 
     async def unmirror_binding(self, account: str, patient_id: str) -> bool:
         """Drop a binding's ref from the mirror unless it is a tombstone (the
         binding is no longer verified: holds ask the store). True if dropped."""
-        n = await self.runner.run("writeBinding", [K.binding_mirror(account)],
-                                  [patient_id, "", "drop"])
+        n = await self.runner.call(R.WRITE_BINDING, [K.binding_mirror(account)],
+                                   [patient_id, "", "drop"])
         return bool(n)
 
     async def access(self, account: str, patient_id: str, token_id: str, token_exp_s: int
@@ -454,8 +449,8 @@ class Engine:
         """One read for an account request (batched with the holds): whether
         the token was revoked, and the patient's ref from the binding mirror
         as ``binding`` answers it (``patient_id=""``: the token only)."""
-        got = await self.runner.run("readAccess", [K.binding_mirror(account)],
-                                    [patient_id, token_id, token_exp_s])
+        got = await self.runner.call(R.READ_ACCESS, [K.binding_mirror(account)],
+                                     [patient_id, token_id, token_exp_s])
         ref = got[1]
         return bool(got[0]), (ref.decode() if isinstance(ref, bytes) else ref)
 
@@ -465,8 +460,8 @@ class Engine:
         every token of the account expiring at or before ``until_s`` (or one
         second past the previous bound, if that is later; ``restore``: the
         larger of the two). The bound written."""
-        got = await self.runner.run("revokeTokens", [K.binding_mirror(account)],
-                                    [token_id or "", int(until_s), "restore" if restore else ""])
+        got = await self.runner.call(R.REVOKE_TOKENS, [K.binding_mirror(account)],
+                                     [token_id or "", int(until_s), "restore" if restore else ""])
         return int(got)
 
     async def tokens_revoked_until(self, account: str) -> int:
@@ -478,23 +473,23 @@ class Engine:
                     burst: int) -> int:
         """A per-client limiter (``limitAttempts``): 0 if one more is allowed
         (and, with ``take``, counted), else the milliseconds to wait."""
-        wait = await self.runner.run("limitAttempts", [K.limiter(kind, client)],
-                                     ["take" if take else "peek", interval_ms, burst])
+        wait = await self.runner.call(R.LIMIT_ATTEMPTS, [K.limiter(kind, client)],
+                                      ["take" if take else "peek", interval_ms, burst])
         return int(wait)
 
     async def _reserve_patient(self, patient: str, rq: str) -> Refused | None:
         """The hospital-wide step on the patient's partition (bans, active limit)."""
         pk = K.PartitionKeys(K.partition_of_patient(patient))
-        d = await self._run(
-            "reservePatient", [pk.patient_active(patient), pk.patient_ban(patient)],
+        d = await self.runner.call(
+            R.RESERVE_PATIENT, [pk.patient_active(patient), pk.patient_ban(patient)],
             [rq, self.config.max_active_per_patient, self.config.patient_reservation_ms,
              self._off],
         )
-        return None if d["o"] == Code.OK else refused_from(d)
+        return None if d.ok else d.refused()
 
     async def _settle_patient(self, patient: str, rq: str, until_ms: int) -> None:
         pk = K.PartitionKeys(K.partition_of_patient(patient))
-        await self._run("settlePatient", [pk.patient_active(patient)], [rq, until_ms])
+        await self.runner.call(R.SETTLE_PATIENT, [pk.patient_active(patient)], [rq, until_ms])
 
     async def active_count(self, patient: str) -> int:
         """The patient's active holds and bookings, hospital-wide (patient rules on)."""
@@ -529,19 +524,19 @@ class Engine:
             until = await self.client.get(pk.patient_ban(patient))
             now = await self.server_time_ms()
             if until is not None and int(until) > now:
-                return refused_from({"o": Code.BANNED, "now": now, "until_ms": int(until)})
-        d = await self._run("joinWaitlist", ref.bundle, [patient, account, pools, self._off])
-        if d["o"] != Code.OK:
-            return refused_from(d)
-        return Waitlisted(session_id, int(d["position"]), int(d["now"]),
-                          replay=bool(d.get("rp", 0)))
+                return Reply(o=Code.BANNED, now=now, until_ms=int(until)).refused()
+        d = await self.runner.call(R.JOIN_WAITLIST, ref.bundle,
+                                   [patient, account, pools, self._off])
+        if not d.ok:
+            return d.refused()
+        return Waitlisted(session_id, d.position, d.now, replay=bool(d.rp))
 
     async def leave_waitlist(self, session_id: str, *, patient: str, account: str) -> bool:
         ref = await self.ref(session_id)
         if ref is None:
             return False
-        d = await self._run("leaveWaitlist", [ref.keys.waitlist], [patient, account])
-        return bool(d["removed"])
+        d = await self.runner.call(R.LEAVE_WAITLIST, [ref.keys.waitlist], [patient, account])
+        return bool(d.removed)
 
     def _request_id(self) -> str:
         self._requests += 1
@@ -560,19 +555,19 @@ class Engine:
         ref = await self._record_ref(hold_id)
         if ref is None:
             return await self._not_found("hold")
-        d = await self._run("confirmHold", ref.bundle,
-                            [hold_id, payment_ref, self._off, _rnd()])
-        if self.config.patient_rules and d.get("rq"):
+        d = await self.runner.call(R.CONFIRM_HOLD, ref.bundle,
+                                   [hold_id, payment_ref, self._off, _rnd()])
+        if self.config.patient_rules and d.rq:
             # A booking counts until its visit; a refund frees the place.
-            until = 0 if d["o"] != Code.OK else (ref.starts_ms or 0) + 86_400_000
+            until = 0 if not d.ok else (ref.starts_ms or 0) + 86_400_000
             if until == 86_400_000:
-                until = int(d["now"]) + 30 * 86_400_000
-            await self._settle_patient(d["pat"], d["rq"], until)
-        if d["o"] != Code.OK:
-            return refused_from(d)
+                until = d.now + 30 * 86_400_000
+            await self._settle_patient(d.pat, d.rq, until)
+        if not d.ok:
+            return d.refused()
         return Booked(
-            booking_id=d["id"], session_id=d["sid"], slot_id=d["slot"], unit=int(d["unit"]),
-            server_ms=int(d["now"]), late=bool(d.get("late", 0)), replay=bool(d.get("rp", 0)),
+            booking_id=d.id, session_id=d.sid, slot_id=d.slot, unit=d.unit,
+            server_ms=d.now, late=bool(d.late), replay=bool(d.rp),
         )
 
     async def release(self, hold_id: str, *, account: str = "") -> Released | Refused:
@@ -580,12 +575,13 @@ class Engine:
         ref = await self._record_ref(hold_id)
         if ref is None:
             return await self._not_found("hold")
-        d = await self._run("releaseHold", ref.bundle, [hold_id, account, self._off, _rnd()])
-        if d["o"] != Code.OK:
-            return refused_from(d)
-        if self.config.patient_rules and d.get("rq"):
-            await self._settle_patient(d["pat"], d["rq"], 0)
-        return Released(hold_id, int(d["now"]), replay=bool(d.get("rp", 0)))
+        d = await self.runner.call(R.RELEASE_HOLD, ref.bundle,
+                                   [hold_id, account, self._off, _rnd()])
+        if not d.ok:
+            return d.refused()
+        if self.config.patient_rules and d.rq:
+            await self._settle_patient(d.pat, d.rq, 0)
+        return Released(hold_id, d.now, replay=bool(d.rp))
 
     async def cancel(
         self, booking_id: str, *, account: str = "", reason: str = "patient", force: bool = False
@@ -595,16 +591,16 @@ class Engine:
         ref = await self._record_ref(booking_id)
         if ref is None:
             return await self._not_found("booking")
-        d = await self._run(
-            "cancelBooking", ref.bundle,
+        d = await self.runner.call(
+            R.CANCEL_BOOKING, ref.bundle,
             [booking_id, account, reason, "1" if force else "0", self._off, _rnd()],
         )
-        if d["o"] != Code.OK:
-            return refused_from(d)
-        if self.config.patient_rules and d.get("rq"):
-            await self._settle_patient(d["pat"], d["rq"], 0)
-        return Cancelled(booking_id, int(d["now"]), reason=d.get("reason", reason),
-                         late=bool(d.get("late", 0)), replay=bool(d.get("rp", 0)))
+        if not d.ok:
+            return d.refused()
+        if self.config.patient_rules and d.rq:
+            await self._settle_patient(d.pat, d.rq, 0)
+        return Cancelled(booking_id, d.now, reason=d.reason or reason, late=bool(d.late),
+                         replay=bool(d.rp))
 
     async def restore_booking(
         self,
@@ -630,17 +626,19 @@ class Engine:
             "pat": patient, "acct": account, "fee": fee, "pay": payment_ref,
             "bt": booked_at_ms or None,
         })
-        d = await self._run("restoreBooking", ref.bundle, [body, self._off])
-        if d["o"] != Code.OK:
-            return refused_from(d)
-        return restore_from(d)
+        d = await self.runner.call(R.RESTORE_BOOKING, ref.bundle, [body, self._off])
+        if not d.ok:
+            return d.refused()
+        if d.ended:
+            return Restore.kept(d.ended)
+        return Restore.RESTORED if d.restored else Restore.ALREADY
 
     async def raise_sequence(self, record_id: str) -> bool:
         """Keep new ids of the record's partition above ``record_id`` (a hold
         or booking id PostgreSQL holds, whatever its state). True if raised."""
         p = K.partition_of_record(record_id)
         seq = record_id.rsplit(".", 1)[1]
-        return bool(await self.runner.run("raiseSequence", [K.PartitionKeys(p).seq], [seq]))
+        return bool(await self.runner.call(R.RAISE_SEQUENCE, [K.PartitionKeys(p).seq], [seq]))
 
     async def record(self, record_id: str) -> dict[str, Any] | None:
         """The stored hold/booking record (state and owner), or None."""
@@ -672,9 +670,10 @@ class Engine:
                         await self.client.zrem(pk.deadlines, *stale)
                     continue
                 while True:
-                    d = await self._run("expireHolds", ref.bundle, [limit, self._off, _rnd()])
-                    total += int(d["expired"])
-                    if int(d["expired"]) + int(d["requeued"]) + int(d["closed"]) < limit:
+                    d = await self.runner.call(R.EXPIRE_HOLDS, ref.bundle,
+                                               [limit, self._off, _rnd()])
+                    total += d.expired
+                    if d.expired + d.requeued + d.closed < limit:
                         break
         return total
 
@@ -724,18 +723,17 @@ class Engine:
         keys: list[str] = []
         for r in refs:
             keys += [r.keys.meta, r.keys.free, r.keys.waitlist, r.keys.part.epoch]
-        d = await self._run("getAvailability", keys, [self._off, pools])
+        d = await self.runner.call(R.GET_AVAILABILITY, keys, [self._off, pools])
         return Availability(
-            server_ms=int(d["now"]),
+            server_ms=d.now,
             sessions=[
                 SessionAvailability(
-                    session_id=s["sid"], status=s["status"],
-                    release_at_ms=int(s["release_ms"]), cutoff_ms=int(s["cutoff_ms"]),
-                    waiting=int(s.get("waiting", 0)),
-                    slots=[SlotAvailability(x["id"], x.get("start") or "", x.get("end") or "",
-                                            int(x["cap"]), int(x["free"])) for x in s["slots"]],
+                    session_id=s.sid, status=s.status, release_at_ms=s.release_ms,
+                    cutoff_ms=s.cutoff_ms, waiting=s.waiting,
+                    slots=[SlotAvailability(x.id, x.start, x.end, x.cap, x.free)
+                           for x in s.slots],
                 )
-                for s in d["sessions"]
+                for s in d.sessions
             ],
         )
 
@@ -745,8 +743,8 @@ class Engine:
         if ref is None:
             return None
         sk = ref.keys
-        d = await self._run(
-            "readSession",
+        d = await self.runner.call(
+            R.READ_SESSION,
             [sk.meta, sk.free, sk.units, sk_part(ref).records, sk.delayed, sk.waitlist],
             [self._off],
         )
@@ -783,11 +781,9 @@ def new_epoch() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def _held(d: dict[str, Any]) -> Held:
-    return Held(
-        hold_id=d["id"], session_id=d["sid"], slot_id=d["slot"], unit=int(d["unit"]),
-        expires_at_ms=int(d["dl"]), server_ms=int(d["now"]), replay=bool(d.get("rp", 0)),
-    )
+def _held(d: HoldReply) -> Held:
+    return Held(hold_id=d.id, session_id=d.sid, slot_id=d.slot, unit=d.unit,
+                expires_at_ms=d.dl, server_ms=d.now, replay=bool(d.rp))
 
 
 def _txt(v: object) -> str:

@@ -99,13 +99,10 @@ class Restore(enum.StrEnum):
     KEPT_DISPLACED = "kept-displaced"
 
 
-_KEPT = {"c": Restore.KEPT_CANCELLED, "r": Restore.KEPT_REFUNDED, "x": Restore.KEPT_DISPLACED}
-
-
-def restore_from(d: dict[str, Any]) -> Restore:
-    if d.get("ended"):
-        return _KEPT[str(d["ended"])]
-    return Restore.RESTORED if d["restored"] else Restore.ALREADY
+    @classmethod
+    def kept(cls, state: str) -> Restore:
+        """The outcome for a record Redis kept ended in ``state`` (c, r or x)."""
+        return {"c": cls.KEPT_CANCELLED, "r": cls.KEPT_REFUNDED, "x": cls.KEPT_DISPLACED}[state]
 
 
 class Held(msgspec.Struct, frozen=True, tag="held"):
@@ -169,29 +166,6 @@ class Refused(msgspec.Struct, frozen=True, tag="refused"):
     refund_due: bool = False
     replay: bool = False
     ok: bool = False
-
-
-def refused_from(d: dict[str, Any]) -> Refused:
-    reason = REASON_OF_CODE[int(d["o"])]
-    return Refused(
-        reason=reason,
-        server_ms=int(d.get("now", 0)),
-        message=MESSAGES[reason],
-        retry_after_ms=_opt_int(d.get("retry_ms")),
-        until_ms=_opt_int(d.get("until_ms")),
-        release_at_ms=_opt_int(d.get("release_ms")),
-        cutoff_ms=_opt_int(d.get("cutoff_ms")),
-        deadline_ms=_opt_int(d.get("deadline_ms")),
-        existing_id=d.get("existing"),
-        state=d.get("st"),
-        what=d.get("what"),
-        refund_due=reason is Reason.EXPIRED,
-        replay=bool(d.get("rp", 0)),
-    )
-
-
-def _opt_int(v: Any) -> int | None:
-    return None if v is None else int(v)
 
 
 class SlotAvailability(msgspec.Struct, frozen=True):

@@ -21,13 +21,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+if TYPE_CHECKING:
+    from engine.replies import Call
+
+R = TypeVar("R")
 
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
 _NAME = re.compile(r"^(?P<name>[a-zA-Z]+)-(?P<keys>\d+|N)\.lua$")
@@ -146,6 +151,10 @@ class ScriptRunner:
                 raise RuntimeError(f"{s.name}: {exc}") from exc
             if sha != s.sha:
                 raise RuntimeError(f"{s.name}: Redis computed another SHA")
+
+    async def call(self, call: Call[R], keys: Sequence[str], args: Sequence[Arg]) -> R:
+        """Run one script of ``engine.replies`` and decode its typed answer."""
+        return call.decode(await self.run(call.script, keys, args))
 
     async def run(self, name: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         script = self._check(name, keys)

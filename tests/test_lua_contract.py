@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.outcomes import MESSAGES, REASON_OF_CODE, Code, Reason
+from engine.replies import CALLS
 from engine.scripts import load_scripts, lua_dir
 
 LUA = lua_dir()
@@ -89,3 +90,10 @@ def test_the_loader_stitches_every_include_and_checks_key_counts() -> None:
     assert set(scripts) == {_NAME.match(p.name).group("name") for p in SCRIPTS}  # type: ignore[union-attr]
     for s in scripts.values():
         assert "-- @include" not in s.source, f"{s.name}: an include was not stitched"
+
+
+def test_every_script_has_one_typed_call_and_every_call_a_script() -> None:
+    """``engine.replies.CALLS`` names each script once, with its reply type."""
+    names = [c.script for c in CALLS]
+    assert len(names) == len(set(names))
+    assert set(names) == set(load_scripts())
