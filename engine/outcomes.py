@@ -8,7 +8,6 @@ mirrored here by ``Code`` (the BullMQ habit: one table on each side).
 from __future__ import annotations
 
 import enum
-from typing import Any
 
 import msgspec
 
