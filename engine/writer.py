@@ -29,6 +29,16 @@ import msgspec
 
 from engine import keys as K
 from engine.engine import Engine, _txt
+from engine.events import (
+    Booked,
+    Cancelled,
+    OutboxEvent,
+    RefundDue,
+    WaitlistClosed,
+    WaitlistOffer,
+    decode_event,
+)
+from engine.store import outbox as store
 
 log = logging.getLogger("haoyuan.writer")
 
@@ -36,26 +46,6 @@ GROUP = "writers"
 DEAD_LETTERS = f"{K.PREFIX}:deadletter"
 
 
-class OutboxEvent(msgspec.Struct, frozen=True):
-    """One entry of an outbox stream (written by the Lua scripts)."""
-
-    t: str  # booked | cancelled | refund_due | waitlist_offer | waitlist_closed
-    id: str
-    sid: str
-    slot: str
-    unit: int
-    pat: str
-    acct: str
-    at: int
-    v: int = 1
-    fee: int = 0
-    pay: str = ""
-    rsn: str = ""
-    dl: int = 0  # a waitlist offer's payment deadline
-    late: int = 0  # a patient's cancel within a day of the visit (no-show policy)
-
-
-_decode_event = msgspec.json.Decoder(OutboxEvent).decode
 
 
 class OutboxLag(msgspec.Struct, frozen=True):
@@ -311,7 +301,7 @@ class OutboxWriter:
             try:
                 if raw is None:
                     raise TypeError("entry has no field e")
-                decoded.append((stream, eid, _decode_event(raw)))
+                decoded.append((stream, eid, decode_event(raw)))
             except (msgspec.DecodeError, TypeError) as exc:
                 poison.append((stream, eid, _txt(raw) if raw is not None else "", str(exc)))
         conflicts: list[tuple[OutboxEvent, str | None]] = []
@@ -337,7 +327,7 @@ class OutboxWriter:
         await self._ack([(s, e) for s, e, _ in decoded])
         self.written += len(decoded)
         for _s, _e, ev in decoded:
-            if ev.t == "cancelled" and ev.late:
+            if isinstance(ev, Cancelled) and ev.late:
                 await self._late_cancel(ev)
 
     async def _late_cancel(self, ev: OutboxEvent) -> None:
@@ -427,81 +417,20 @@ class OutboxWriter:
                   deliveries)
 
     async def _apply(self, conn: Any, ev: OutboxEvent, eid: str) -> str | None:
-        """Write one event. Returns None, or the winning booking id ('' if
-        unknown) when a booked event hit an already booked unit."""
-        at = _ts(ev.at)
+        """Write one event (its SQL: ``engine.store.outbox``). Returns None, or
+        the winning booking id ('' if unknown) when a booked event hit a unit
+        PostgreSQL already has booked."""
         result: str | None = None
-        if ev.t == "booked":
-            inserted = await conn.fetchval(
-                "INSERT INTO bookings (id, session_id, slot_id, unit, patient_ref, account_id,"
-                " fee_cents, payment_ref, status, booked_at, stream_id)"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,'booked',$9,$10)"
-                " ON CONFLICT DO NOTHING RETURNING id",
-                ev.id, ev.sid, ev.slot, ev.unit, ev.pat, ev.acct, ev.fee, ev.pay, at, eid,
-            )
-            if inserted is None:
-                exists = await conn.fetchval("SELECT 1 FROM bookings WHERE id = $1", ev.id)
-                if exists is None:
-                    winner = await conn.fetchval(
-                        "SELECT id FROM bookings WHERE session_id = $1 AND unit = $2"
-                        " AND status = 'booked'", ev.sid, ev.unit,
-                    )
-                    await conn.execute(
-                        "INSERT INTO bookings (id, session_id, slot_id, unit, patient_ref,"
-                        " account_id, fee_cents, payment_ref, status, status_reason, booked_at,"
-                        " his_status, stream_id) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,'conflict',"
-                        " 'unit already booked',$9,'cancelled',$10) ON CONFLICT (id) DO NOTHING",
-                        ev.id, ev.sid, ev.slot, ev.unit, ev.pat, ev.acct, ev.fee, ev.pay, at, eid,
-                    )
-                    await conn.execute(
-                        "INSERT INTO booking_conflicts (booking_id, session_id, unit,"
-                        " winner_booking_id, detail) VALUES ($1,$2,$3,$4,$5)"
-                        " ON CONFLICT (booking_id) DO NOTHING",
-                        ev.id, ev.sid, ev.unit, winner,
-                        "Redis booked a unit PostgreSQL already holds (lost write)",
-                    )
-                    await conn.execute(
-                        "INSERT INTO refunds (booking_id, reason, stream_id) VALUES ($1,$2,$3)"
-                        " ON CONFLICT (booking_id) DO NOTHING", ev.id, "conflict", eid,
-                    )
-                    result = winner or ""
-        elif ev.t == "cancelled":
-            await conn.execute(
-                "INSERT INTO bookings (id, session_id, slot_id, unit, patient_ref, account_id,"
-                " fee_cents, payment_ref, status, status_reason, booked_at, cancelled_at,"
-                " his_status, stream_id, late_cancel)"
-                " VALUES ($1,$2,$3,NULL,$4,$5,$6,$7,'cancelled',$8,$9,$9,'cancel_pending',$10,"
-                " $11)"
-                " ON CONFLICT (id) DO UPDATE SET status = 'cancelled',"
-                " status_reason = EXCLUDED.status_reason, cancelled_at = EXCLUDED.cancelled_at,"
-                " late_cancel = EXCLUDED.late_cancel,"
-                " his_status = CASE WHEN bookings.his_status = 'rejected' THEN 'rejected'"
-                "   ELSE 'cancel_pending' END, his_updated_at = NULL"
-                " WHERE bookings.status = 'booked'",
-                ev.id, ev.sid, ev.slot, ev.pat, ev.acct, ev.fee, ev.pay, ev.rsn or "cancelled",
-                at, eid, bool(ev.late),
-            )
-        elif ev.t == "refund_due":
-            await conn.execute(
-                "INSERT INTO bookings (id, session_id, slot_id, unit, patient_ref, account_id,"
-                " fee_cents, payment_ref, status, status_reason, booked_at, his_status, stream_id)"
-                " VALUES ($1,$2,$3,NULL,$4,$5,$6,$7,'refund_due',$8,$9,'cancelled',$10)"
-                " ON CONFLICT (id) DO NOTHING",
-                ev.id, ev.sid, ev.slot, ev.pat, ev.acct, ev.fee, ev.pay, ev.rsn, at, eid,
-            )
-            await conn.execute(
-                "INSERT INTO refunds (booking_id, reason, stream_id) VALUES ($1,$2,$3)"
-                " ON CONFLICT (booking_id) DO NOTHING", ev.id, ev.rsn or "expired", eid,
-            )
-        elif ev.t in ("waitlist_offer", "waitlist_closed"):
-            pass  # the notification itself: recorded in the history below
-        else:
-            raise asyncpg.DataError(f"unknown outbox event type {ev.t!r}")
-        await conn.execute(
-            "INSERT INTO booking_events (booking_id, event_type, reason, at, stream_id)"
-            " VALUES ($1,$2,$3,$4,$5) ON CONFLICT (booking_id, stream_id) DO NOTHING",
-            ev.id, ev.t, ev.rsn or None, at, eid,
-        )
+        match ev:
+            case Booked():
+                result = await store.record_booked(conn, ev, eid)
+            case Cancelled():
+                await store.record_cancelled(conn, ev, eid)
+            case RefundDue():
+                await store.record_refund_due(conn, ev, eid)
+            case WaitlistOffer() | WaitlistClosed():
+                pass  # the notification itself: in the history below
+        await store.record_event(conn, ev, eid)
         return result
 
     async def _compensate(self, ev: OutboxEvent, winner: str | None) -> None:

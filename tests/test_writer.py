@@ -233,13 +233,43 @@ async def test_redis_kill9_during_confirmations_loses_no_acknowledged_booking(
         redis.cleanup()
 
 
-def test_event_schema_matches_lua() -> None:
-    from engine.writer import OutboxEvent
+async def test_every_event_the_scripts_write_decodes(eng: Engine) -> None:
+    """The writer's event types against what the Lua scripts really write:
+    every kind is produced by the scripts (book, cancel, a late payment
+    refunded, a waitlist offer, a waitlist closed by a suspension) and every
+    entry of every stream decodes into its class."""
+    from engine.events import (
+        Booked,
+        Cancelled,
+        RefundDue,
+        WaitlistClosed,
+        WaitlistOffer,
+        decode_event,
+    )
 
-    raw = (b'{"slot":"0800","id":"17.S1.1","t":"booked","unit":1,"at":1795457867865,'
-           b'"pat":"p1","fee":5000,"v":1,"rsn":"","acct":"a1","pay":"pay1","sid":"S1"}')
-    ev = msgspec.json.decode(raw, type=OutboxEvent)
-    assert ev.t == "booked" and ev.unit == 1
+    spec = msgspec.structs.replace(make_spec("S1", caps=(1,), hold_ttl_ms=1000),
+                                   waitlist_ttl_ms=60_000, waitlist_max=5)
+    await eng.load_session(spec)
+    await eng.load_session(msgspec.structs.replace(
+        make_spec("S2", doctor="DR2", caps=(1,)), waitlist_ttl_ms=60_000, waitlist_max=5))
+    ids = await book_many(eng, "S1", 1)
+    assert (await eng.join_waitlist("S1", patient="w1", account="aw")).ok
+    await eng.cancel(ids[0])  # the unit goes to the waitlist head as an offer
+    await book_many(eng, "S2", 1, prefix="s2")
+    assert (await eng.join_waitlist("S2", patient="w2", account="aw2")).ok
+    await eng.suspend("S2")  # cancels its booking, closes its waitlist
+    await eng.load_session(make_spec("S3", doctor="DR3", caps=(1,), hold_ttl_ms=1000))
+    late = await eng.hold("S3", "0800", patient="l1", account="al1")
+    assert isinstance(late, Held)
+    eng.config.clock_offset_ms = 2_000
+    await eng.sweep()
+    await book_many(eng, "S3", 1, prefix="s3")
+    assert not (await eng.confirm(late.hold_id, "pay-late")).ok  # refund due
+    kinds: set[type] = set()
+    for p in range(64):
+        for _eid, fields in await eng.client.xrange(PartitionKeys(p).outbox):
+            kinds.add(type(decode_event(fields[b"e"])))
+    assert kinds == {Booked, Cancelled, RefundDue, WaitlistOffer, WaitlistClosed}
 
 
 def _lose_aof_tail(redis: RedisServer, keep: float) -> None:
