@@ -239,7 +239,7 @@ class Engine:
         d = await self.runner.call(
             R.LOAD_SESSION,
             [sk.meta, sk.free, sk.units, pk.dept_day(spec.dept, spec.date), pk.sessions, pk.epoch],
-            [spec.session_id, spec.lua_json(), marker],
+            [spec.session_id, spec.lua_json(), marker, p],
         )
         await self.client.hset(K.SESSION_INDEX, spec.session_id, p)
         self._refs[spec.session_id] = SessionRef(
@@ -253,7 +253,7 @@ class Engine:
             open=bool(d.open),
         )
 
-    # -- the recovery marker (lua/includes/common.lua ``recovering``) --------
+    # -- the recovery marker (lua/includes/bundle.lua ``recovering``) --------
     async def partition_epoch(self, partition: int) -> str | None:
         """The partition's recovery marker, or None: it lost its data or is
         being rebuilt, and nothing in it sells."""

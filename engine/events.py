@@ -1,7 +1,7 @@
 """The outbox events the Lua scripts write, as one tagged union.
 
 Each entry of a partition's outbox stream (``hy:{p}:outbox``) has one field
-``e``: the JSON of ``event_of`` in ``lua/includes/common.lua``, tagged by
+``e``: the JSON of ``event_of`` in ``lua/includes/outbox.lua``, tagged by
 ``t``. Decoding picks the class; an entry whose ``t`` is unknown does not
 decode and goes to the dead letters (``engine.writer``).
 """

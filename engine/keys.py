@@ -72,7 +72,7 @@ class PartitionKeys:
     @property
     def epoch(self) -> str:
         """The recovery marker: present while the partition's state is whole
-        (lua/includes/common.lua ``recovering``; engine.recovery)."""
+        (lua/includes/bundle.lua ``recovering``; engine.recovery)."""
         return f"{tag(self.p)}:epoch"
 
     def dept_day(self, dept: str, date: str) -> str:
@@ -151,7 +151,7 @@ class SessionKeys:
 
     def bundle(self, rule_key: str) -> list[str]:
         """The twelve KEYS every mutating session script takes first
-        (lua/includes/common.lua documents them)."""
+        (lua/includes/bundle.lua documents them)."""
         pk = self.part
         return [self.meta, self.free, self.units, self.deadlines, self.waitlist, self.delayed,
                 pk.records, pk.deadlines, rule_key, pk.outbox, pk.seq, pk.epoch]

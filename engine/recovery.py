@@ -4,7 +4,7 @@ Redis admits; PostgreSQL is the record. Each partition carries a recovery
 marker in Redis (``hy:{p}:epoch``, ``engine.keys.PartitionKeys.epoch``)
 whose value PostgreSQL also records (table ``redis_partitions``). Every
 script that sells or changes a record refuses with ``recovering`` while the
-marker is absent (``lua/includes/common.lua``), so:
+marker is absent (``lua/includes/bundle.lua``), so:
 
 - **Redis lost its data** (a wipe, a restart without persistence): the
   marker went with it, and nothing in the partition sells until

@@ -75,13 +75,23 @@ class Script:
         return "flags=no-writes" in self.source.split("\n", 1)[0]
 
 
-def _stitch(text: str, includes: Path, seen: frozenset[str] = frozenset()) -> str:
+def _stitch(text: str, includes: Path, done: set[str] | None = None,
+            stack: frozenset[str] = frozenset()) -> str:
+    """Replace each ``-- @include name`` with ``includes/name.lua``, itself
+    stitched; each include goes in once per script, where it is first named
+    (an include names what it needs, so the order is always right)."""
+    done = set() if done is None else done
+
     def sub(m: re.Match[str]) -> str:
         name = m.group(1)
-        if name in seen:
+        if name in stack:
             raise ValueError(f"include cycle at {name}")
+        if name in done:
+            return ""
         body = (includes / f"{name}.lua").read_text()
-        return _stitch(body, includes, seen | {name})
+        stitched = _stitch(body, includes, done, stack | {name})
+        done.add(name)
+        return stitched
 
     return _INCLUDE.sub(sub, text)
 

@@ -6,7 +6,7 @@
   cancellation deadline unless forced (admin, HIS compensation, 停诊).
 
   Input:
-    KEYS[1..12] the session key bundle (includes/common.lua)
+    KEYS[1..12] the session key bundle (includes/bundle.lua)
     ARGV[1] booking id
     ARGV[2] account ref ('' = any: admin, HIS compensation)
     ARGV[3] reason (short code, e.g. patient, his_rejected, conflict)
@@ -17,7 +17,11 @@
           {o = INVALID_STATE, st} | {o = CANCEL_DEADLINE, deadline_ms}
           | {o = RECOVERING} while the partition is recovering
 ]]
--- @include common
+-- @include codes
+-- @include bundle
+-- @include records
+-- @include outbox
+-- @include giveBack
 
 local id, acct, reason = ARGV[1], ARGV[2] or '', ARGV[3]
 local rnd = tonumber(ARGV[6])
@@ -48,11 +52,7 @@ end
 -- A patient's late cancel (within a day of the visit) counts toward the
 -- no-show policy; forced cancels (admin, HIS, 停诊) never do.
 local late = (ARGV[4] == '0' and starts > 0 and now > starts - 86400000) and 1 or 0
-rec.st = 'c'
-rec.rsn = reason
-rec.ended = now
-put_rec(k.recs, rec)
-drop_rule(k.rule, rec)
+end_record(k, rec, 'c', now, reason)
 local ev = event_of('cancelled', rec, now, reason)
 ev.late = late
 outbox(k.outbox, ev)

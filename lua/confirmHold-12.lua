@@ -8,7 +8,7 @@
   refund due" with a refund event. Never a unit twice. Idempotent by hold id.
 
   Input:
-    KEYS[1..12] the session key bundle (includes/common.lua)
+    KEYS[1..12] the session key bundle (includes/bundle.lua)
     ARGV[1] hold id
     ARGV[2] payment reference
     ARGV[3] time offset ms (tests only)
@@ -18,7 +18,11 @@
           {o = INVALID_STATE, st}; a replay carries rp = 1.
           | {o = RECOVERING} while the partition is recovering
 ]]
--- @include common
+-- @include codes
+-- @include bundle
+-- @include records
+-- @include outbox
+-- @include units
 -- @include reclaim
 
 local id, pay = ARGV[1], ARGV[2]
@@ -74,9 +78,9 @@ end
 if rec.st == 'h' and rec.dl > now then
   if cfg.status == 'open' then return book(rec, 0) end
   -- Suspended while the patient paid: the unit goes back, the money back too.
+  drop_rule(k.rule, rec)
   rcall('ZREM', k.dl, id)
   rcall('ZREM', k.pdl, id)
-  drop_rule(k.rule, rec)
   rcall('HDEL', k.units, tostring(rec.unit))
   rcall('ZADD', k.free, rec.sc, tostring(rec.unit))
   return refund(rec, 'suspended')

@@ -6,13 +6,15 @@
   cut-off the waitlist is cleared with a "waitlist_closed" event per waiter.
 
   Input:
-    KEYS[1..12] the session key bundle (includes/common.lua)
+    KEYS[1..12] the session key bundle (includes/bundle.lua)
     ARGV[1] most holds to reclaim in this call (1..1000)
     ARGV[2] time offset ms (tests only)
     ARGV[3] random number in [0, 1) (anti-scalper delay)
   Output: JSON {o = OK, expired, requeued, closed, more, now} | {o = RECOVERING, ...zeros}
 ]]
--- @include common
+-- @include codes
+-- @include bundle
+-- @include outbox
 -- @include reclaim
 
 local limit = int_arg(ARGV[1])

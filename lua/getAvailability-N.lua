@@ -15,7 +15,9 @@
           free counts the units of the channel's pools, or all once the pools
           have returned to the public)
 ]]
--- @include common
+-- @include codes
+-- @include reply
+-- @include units
 
 if #KEYS == 0 or #KEYS % 4 ~= 0 then
   return bad('keys come in fours: session, free, waitlist, marker')

@@ -6,7 +6,7 @@
   write.
 
   Input:
-    KEYS[1..12] the session key bundle (includes/common.lua: meta, free,
+    KEYS[1..12] the session key bundle (includes/bundle.lua: meta, free,
                 units, dl, wait, quar, recs, pdl, rule, outbox, seq, epoch)
     KEYS[13] idempotency key       hy:{p}:i:<account>:<key>
     KEYS[14] account rate key      hy:{p}:rl:a:<account>
@@ -30,9 +30,14 @@
           partition's marker is gone), RATE_LIMITED and NOT_OPEN say "come
           back later" and are never remembered under the idempotency key.
 ]]
--- @include common
+-- @include codes
+-- @include bundle
+-- @include records
+-- @include units
+-- @include makeHold
 -- @include gcra
 -- @include reclaim
+-- @include window
 
 local sid, slot, pat, acct = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local a_int, a_burst = int_arg(ARGV[6]), int_arg(ARGV[7])
@@ -98,17 +103,8 @@ end
 if cutoff_ms > 0 and now >= cutoff_ms then
   return remember({o = CLOSED, now = now, cutoff_ms = cutoff_ms})
 end
-local nf, nt = tonumber(x[3]) or 0, tonumber(x[4]) or 0
-if nf ~= nt then
-  local minute = math.floor(((now / 1000 + (tonumber(x[5]) or 0) * 60) % 86400) / 60)
-  local night = (nf < nt and minute >= nf and minute < nt)
-             or (nf > nt and (minute >= nf or minute < nt))
-  if night then
-    local wait_min = (nt - minute) % 1440
-    local opens = (math.floor(now / 60000) + wait_min) * 60000
-    return reply({o = NOT_OPEN, now = now, release_ms = opens, night = 1})
-  end
-end
+local opens = night_reopens(now, tonumber(x[3]) or 0, tonumber(x[4]) or 0, tonumber(x[5]))
+if opens then return reply({o = NOT_OPEN, now = now, release_ms = opens, night = 1}) end
 
 -- 5. Expired holds and delayed units of this session go back first (bounded):
 --    to the waitlist head if someone waits, never to this grabber first.

@@ -5,7 +5,7 @@
   holds or booked that department-day. A returned unit goes to the head.
 
   Input:
-    KEYS[1..12] the session key bundle (includes/common.lua)
+    KEYS[1..12] the session key bundle (includes/bundle.lua)
     ARGV[1] patient ref
     ARGV[2] account ref
     ARGV[3] pools the channel may use, comma separated
@@ -14,7 +14,10 @@
           DUPLICATE | WAITLIST_FULL | NOT_FOUND} | {o = INVALID_STATE, st = 'units_free'}
           | {o = RECOVERING} while the partition is recovering
 ]]
--- @include common
+-- @include codes
+-- @include bundle
+-- @include records
+-- @include units
 
 local pat, acct = ARGV[1], ARGV[2]
 if not pat or pat == '' or not acct or acct == '' or string.find(pat, '|', 1, true)

@@ -8,7 +8,8 @@
     ARGV[2] account ref
   Output: JSON {o = OK, removed = 0|1}
 ]]
--- @include common
+-- @include codes
+-- @include reply
 
 if not ARGV[1] or ARGV[1] == '' or not ARGV[2] or ARGV[2] == '' then
   return bad('patient and account are required')

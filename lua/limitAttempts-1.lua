@@ -15,7 +15,7 @@
     ARGV[3] burst (>= 1)
   Output: retry after ms; 0 = allowed (and, for "take", counted)
 ]]
--- @include common
+-- @include codes
 -- @include gcra
 
 local mode, interval, burst = ARGV[1], int_arg(ARGV[2]), int_arg(ARGV[3])

@@ -22,9 +22,13 @@
     ARGV[3] epoch: open the partition with this marker if it has none
             ('' = leave it as it is: a partition that lost its data stays
             closed until `haoyuan rebuild` reopens it)
+    ARGV[4] the session's partition (engine.keys.partition_of): new
+            records are named "<partition>.<session>.<seq>"
   Output: JSON {o, sid, created, open = 0|1, slots: [{id, cap, requested}]}
 ]]
--- @include common
+-- @include codes
+-- @include reply
+-- @include units
 -- @include capacity
 
 local sid = ARGV[1]
@@ -70,6 +74,8 @@ for _, s in ipairs(m.slots) do
   end
 end
 local epoch = ARGV[3] or ''
+local part = int_arg(ARGV[4])
+if part == nil or part < 0 then return bad('partition must be a non-negative integer') end
 if #epoch > 64 then return bad('epoch must be at most 64 bytes') end
 if m.night_from_min > 1440 or m.night_to_min > 1440 then return bad('night window is minutes of the day') end
 
@@ -120,7 +126,7 @@ rcall('HSET', KEYS[1], 'sid', sid, 'hospital', m.hospital, 'dept', m.dept,
   'scope', m.scope, 'slots', slots_json, 'waitlist_ttl_ms', m.waitlist_ttl_ms,
   'waitlist_max', m.waitlist_max, 'rerelease_ms', m.rerelease_ms,
   'pool_return_ms', m.pool_return_ms, 'night_from_min', m.night_from_min,
-  'night_to_min', m.night_to_min, 'tz_min', m.tz_min)
+  'night_to_min', m.night_to_min, 'tz_min', m.tz_min, 'part', part)
 rcall('HSETNX', KEYS[1], 'status', 'open')
 rcall('HSETNX', KEYS[1], 'nextno', 0)
 rcall('SADD', KEYS[4], sid)

@@ -15,7 +15,8 @@
           used: [ [unit, record JSON or false, record id] ], delayed: [member],
           waiting: n} or {now, meta: false}
 ]]
--- @include common
+-- @include codes
+-- @include reply
 
 local now = server_now(ARGV[1])
 local flat = rcall('HGETALL', KEYS[1])

@@ -5,7 +5,7 @@
   Idempotent: releasing an ended hold answers as before.
 
   Input:
-    KEYS[1..12] the session key bundle (includes/common.lua)
+    KEYS[1..12] the session key bundle (includes/bundle.lua)
     ARGV[1] hold id
     ARGV[2] account ref ('' = any: admin and sweeper)
     ARGV[3] time offset ms (tests only)
@@ -13,7 +13,10 @@
   Output: JSON {o = OK, id, now, rp, pat, rq} | {o = NOT_FOUND} | {o = INVALID_STATE, st}
           | {o = RECOVERING} while the partition is recovering
 ]]
--- @include common
+-- @include codes
+-- @include bundle
+-- @include records
+-- @include giveBack
 
 local id, acct = ARGV[1], ARGV[2] or ''
 local rnd = tonumber(ARGV[4])
@@ -33,11 +36,6 @@ if rec.st ~= 'h' then
   local names = {b = 'booked', c = 'cancelled', r = 'refund_due'}
   return reply({o = INVALID_STATE, now = now, st = names[rec.st] or rec.st})
 end
-rcall('ZREM', k.dl, id)
-rcall('ZREM', k.pdl, id)
-rec.st = 'v'
-rec.ended = now
-put_rec(k.recs, rec)
-drop_rule(k.rule, rec)
+end_record(k, rec, 'v', now)
 give_back(k, settings(k), rec, now, rnd)
 return reply({o = OK, id = id, now = now, rp = 0, pat = rec.pat, rq = rec.rq or ''})

@@ -18,7 +18,8 @@
           {o = IDEMPOTENCY_MISMATCH} (the key was used for another request),
           or the refusal just remembered {o = code, now}.
 ]]
--- @include common
+-- @include codes
+-- @include reply
 
 local sid, slot, pat = ARGV[1], ARGV[2], ARGV[3]
 local code, ttl = int_arg(ARGV[4]), int_arg(ARGV[5])

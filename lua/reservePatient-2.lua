@@ -16,7 +16,8 @@
     ARGV[4] time offset ms (tests only)
   Output: JSON {o = OK, active, rp} | {o = BANNED, until_ms} | {o = LIMIT_REACHED, active}
 ]]
--- @include common
+-- @include codes
+-- @include reply
 
 local rq = ARGV[1]
 local max, ttl = int_arg(ARGV[2]), int_arg(ARGV[3])

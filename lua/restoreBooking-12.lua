@@ -15,13 +15,16 @@
   booking (restored = 0, ended = its state).
 
   Input:
-    KEYS[1..12] the session key bundle (includes/common.lua)
+    KEYS[1..12] the session key bundle (includes/bundle.lua)
     ARGV[1] booking JSON {id, sid, slot, unit, pat, acct, fee, pay, bt}
     ARGV[2] time offset ms (tests only)
   Output: JSON {o = OK, restored = 0|1, ended?} | {o = INVALID_STATE, holder}
           (the unit is booked by another record) | {o = NOT_FOUND, what}
 ]]
--- @include common
+-- @include codes
+-- @include bundle
+-- @include records
+-- @include units
 
 local okj, b = pcall(cjson.decode, ARGV[1] or '')
 if not okj or type(b) ~= 'table' or type(b.id) ~= 'string' or type(b.slot) ~= 'string'
@@ -51,14 +54,11 @@ if holder then
     return reply({o = NOT_FOUND, now = now, what = 'unit'})
   end
   score = tonumber(cur.sc)
-  rcall('ZREM', k.dl, holder)
-  rcall('ZREM', k.pdl, holder)
   if holder ~= b.id then
-    cur.st = 'x'
-    cur.ended = now
-    cur.rsn = 'displaced'
-    put_rec(k.recs, cur)
-    drop_rule(k.rule, cur)
+    end_record(k, cur, 'x', now, 'displaced')
+  else  -- its own hold, whose confirmation Redis lost: it becomes the booking
+    rcall('ZREM', k.dl, holder)
+    rcall('ZREM', k.pdl, holder)
   end
 else
   score = rcall('ZSCORE', k.free, unit)

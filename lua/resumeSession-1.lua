@@ -7,7 +7,8 @@
     ARGV[1] time offset ms (tests only)
   Output: JSON {o = OK, now} | {o = NOT_FOUND}
 ]]
--- @include common
+-- @include codes
+-- @include reply
 
 local now = server_now(ARGV[1])
 if rcall('EXISTS', KEYS[1]) == 0 then return reply({o = NOT_FOUND, now = now, what = 'session'}) end

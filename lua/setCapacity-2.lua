@@ -9,7 +9,9 @@
     ARGV[2] target capacity (0..9999)
   Output: JSON {o, slot, cap, requested} or {o = NOT_FOUND}
 ]]
--- @include common
+-- @include codes
+-- @include reply
+-- @include units
 -- @include capacity
 
 local target = int_arg(ARGV[2])

@@ -10,7 +10,8 @@
     ARGV[2] active until ms, or 0 to drop
   Output: JSON {o = OK}
 ]]
--- @include common
+-- @include codes
+-- @include reply
 
 local until_ms = int_arg(ARGV[2])
 if not ARGV[1] or ARGV[1] == '' or until_ms == nil or until_ms < 0 then

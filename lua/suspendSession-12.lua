@@ -7,12 +7,15 @@
   the partition is recovering too (it never sells; a rebuild uses it).
 
   Input:
-    KEYS[1..12] the session key bundle (includes/common.lua)
+    KEYS[1..12] the session key bundle (includes/bundle.lua)
     ARGV[1] reason (short code)
     ARGV[2] time offset ms (tests only)
   Output: JSON {o = OK, cancelled, released, now} | {o = NOT_FOUND}
 ]]
--- @include common
+-- @include codes
+-- @include bundle
+-- @include records
+-- @include outbox
 
 local reason = ARGV[1]
 if not reason or reason == '' or #reason > 64 then return bad('reason must be 1..64 bytes') end
@@ -41,20 +44,15 @@ for i = 1, #in_use, 2 do
   if rec then
     rcall('HDEL', k.units, tostring(rec.unit))
     rcall('ZADD', k.free, rec.sc, tostring(rec.unit))
-    drop_rule(k.rule, rec)
-    rec.ended = now
-    rec.rsn = reason
     if rec.st == 'b' then
-      rec.st = 'c'
-      put_rec(k.recs, rec)
+      end_record(k, rec, 'c', now, reason)
       outbox(k.outbox, event_of('cancelled', rec, now, reason))
       cancelled = cancelled + 1
     elseif rec.st == 'h' then
-      rec.st = 'v'
-      rcall('ZREM', k.dl, rec.id)
-      rcall('ZREM', k.pdl, rec.id)
-      put_rec(k.recs, rec)
+      end_record(k, rec, 'v', now, reason)
       released = released + 1
+    else
+      drop_rule(k.rule, rec)
     end
   end
 end

@@ -1,6 +1,6 @@
 """The Lua <-> Python contract, read from the files themselves: every script's
 header against its file name and its body, and the outcome codes of
-``lua/includes/common.lua`` against ``engine.outcomes.Code``. No server:
+``lua/includes/codes.lua`` against ``engine.outcomes.Code``. No server:
 these fail the moment one side changes without the other."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_header_names_every_key_and_argument_the_body_uses(path: Path) -> None:
 
 
 def test_outcome_codes_are_one_table_on_each_side() -> None:
-    common = (LUA / "includes" / "common.lua").read_text()
+    common = (LUA / "includes" / "codes.lua").read_text()
     lua_codes = {name: int(v) for name, v in re.findall(r"^local ([A-Z_]+) = (-?\d+)$", common,
                                                         re.M)
                  if name not in ("SLOT_BASE", "POOL_BASE")}

@@ -148,7 +148,7 @@ async def test_load_script_rejects_bad_arguments_without_writing(eng: Engine, bo
             "loadSession",
             [f"{k.records}x", f"{k.records}f", f"{k.records}u", f"{k.records}d", k.sessions,
              k.epoch],
-            ["S1", body, "e1"],
+            ["S1", body, "e1", 1],
         )
     assert await eng.client.dbsize() == 0
 

@@ -1,3 +1,5 @@
+-- @include reply
+-- @include units
 -- Set one slot's capacity. Raising adds units with fresh queue numbers
 -- (加号), to the pools in `pools` ({count per pool index}) for a new slot,
 -- else to the public pool; lowering removes only free units, highest first,

@@ -1,3 +1,4 @@
+-- @include reply
 -- GCRA rate limit (generic cell rate algorithm), milliseconds.
 -- interval: ms between requests at the sustained rate; burst: requests
 -- allowed at once. Returns retry_after_ms (0 = allowed) and the new TAT.

@@ -1,14 +1,15 @@
+-- @include records
+-- @include giveBack
 -- Reclaim expired holds of one session: each goes back once (to the
 -- waitlist head, after the anti-scalper delay, or free).
 local function expire_one(k, cfg, id, now, rnd)
   local rec = get_rec(k.recs, id)
-  rcall('ZREM', k.dl, id)
-  rcall('ZREM', k.pdl, id)
-  if rec == nil or rec.st ~= 'h' then return 0 end
-  rec.st = 'x'
-  rec.ended = now
-  put_rec(k.recs, rec)
-  drop_rule(k.rule, rec)
+  if rec == nil or rec.st ~= 'h' then
+    rcall('ZREM', k.dl, id)
+    rcall('ZREM', k.pdl, id)
+    return 0
+  end
+  end_record(k, rec, 'x', now)
   give_back(k, cfg, rec, now, rnd)
   return 1
 end
