@@ -92,10 +92,12 @@ class EngineConfig:
     channel_pools: dict[str, str] = field(default_factory=lambda: {
         "app": "0", "phone": "1,0", "window": "2,0", "referral": "3,0", "admin": "0,1,2,3",
     })
-    #: Hospital-wide patient rules on the patient's own partition: bans (no-show
-    #: policy) and at most ``max_active_per_patient`` active holds and bookings
-    #: (0 = no limit). Costs one more script per hold; off unless configured.
-    patient_rules: bool = False
+    #: Hospital-wide patient rules on the patient's own partition: bans (the
+    #: no-show policy every hospital has by default) and at most N active
+    #: holds and bookings (the session's ``max_active_per_patient``, else
+    #: this default; 0 = no limit). One more batched script per hold; on by
+    #: default, because a rule a hospital configured must be in force.
+    patient_rules: bool = True
     max_active_per_patient: int = 0
     #: Lifetime of the patient-wide reservation made before a hold: if the
     #: engine dies before settling it, it lapses by itself.
@@ -113,6 +115,9 @@ class SessionRef:
     date: str
     scope: str
     starts_ms: int = 0
+    #: The hospital's limit of active holds and bookings per patient (0: the
+    #: engine's default).
+    max_active: int = 0
 
     @property
     def keys(self) -> K.SessionKeys:
@@ -243,7 +248,8 @@ class Engine:
         )
         await self.client.hset(K.SESSION_INDEX, spec.session_id, p)
         self._refs[spec.session_id] = SessionRef(
-            spec.session_id, p, spec.dept, spec.doctor, spec.date, spec.scope, spec.starts_ms
+            spec.session_id, p, spec.dept, spec.doctor, spec.date, spec.scope, spec.starts_ms,
+            spec.max_active_per_patient,
         )
         return Loaded(
             session_id=spec.session_id,
@@ -305,12 +311,14 @@ class Engine:
             return None
         meta = await self.client.hmget(
             K.SessionKeys(int(p), session_id).meta,
-            ["dept", "doctor", "date", "scope", "starts_ms"],
+            ["dept", "doctor", "date", "scope", "starts_ms", "max_active"],
         )
         if meta[0] is None:
             return None
-        dept, doctor, date, scope, starts = (_txt(v) for v in meta)
-        ref = SessionRef(session_id, int(p), dept, doctor, date, scope, int(starts or 0))
+        dept, doctor, date, scope, starts, max_active = (
+            "" if v is None else _txt(v) for v in meta)
+        ref = SessionRef(session_id, int(p), dept, doctor, date, scope, int(starts or 0),
+                         int(max_active or 0))
         self._refs[session_id] = ref
         return ref
 
@@ -335,6 +343,7 @@ class Engine:
         if ref is None:
             return await self._not_found("session")
         d = await self.runner.call(R.SUSPEND_SESSION, ref.bundle, [reason, self._off])
+        await self._settle(d)
         if not d.ok:
             return d.refused()
         return Suspended(session_id, d.cancelled, d.released, d.now)
@@ -374,10 +383,13 @@ class Engine:
             return await self._not_found("session")
         rq = idempotency_key or self._request_id()
         c = self.config
+        reserved = False  # a new patient-wide place, to give back if the hold fails
         if c.patient_rules:
-            r = await self._reserve_patient(patient, f"{account}:{rq}")
-            if r is not None:
+            r = await self._reserve_patient(patient, f"{account}:{rq}",
+                                            ref.max_active or c.max_active_per_patient)
+            if isinstance(r, Refused):
                 return r
+            reserved = r
         pk = sk_part(ref)
         d = await self.runner.call(
             R.HOLD_UNIT,
@@ -389,12 +401,11 @@ class Engine:
              c.idempotency_ttl_ms, c.reclaim_per_hold, self._off,
              "0" if idempotency_key is None else "1", _rnd(), f"{account}:{rq}"],
         )
+        await self._settle(d)
         if not d.ok:
-            if c.patient_rules:  # compensation: the patient-wide place goes back
+            if reserved:  # compensation: the place this call reserved goes back
                 await self._settle_patient(patient, f"{account}:{rq}", 0)
             return d.refused()
-        if c.patient_rules:
-            await self._settle_patient(patient, f"{account}:{rq}", d.dl + 1000)
         return _held(d)
 
     async def remember_refusal(
@@ -477,15 +488,24 @@ class Engine:
                                       ["take" if take else "peek", interval_ms, burst])
         return int(wait)
 
-    async def _reserve_patient(self, patient: str, rq: str) -> Refused | None:
-        """The hospital-wide step on the patient's partition (bans, active limit)."""
+    async def _reserve_patient(self, patient: str, rq: str, limit: int) -> Refused | bool:
+        """The hospital-wide step on the patient's partition (bans, active limit):
+        a refusal, or whether a new place was reserved (False: this request id
+        had one already, a retry)."""
         pk = K.PartitionKeys(K.partition_of_patient(patient))
         d = await self.runner.call(
             R.RESERVE_PATIENT, [pk.patient_active(patient), pk.patient_ban(patient)],
-            [rq, self.config.max_active_per_patient, self.config.patient_reservation_ms,
+            [rq, limit, self.config.patient_reservation_ms,
              self._off],
         )
-        return None if d.ok else d.refused()
+        return d.refused() if not d.ok else not d.rp
+
+    async def _settle(self, d: Reply) -> None:
+        """Apply the patient-wide settlements a script noted (every record it
+        started or ended, offers included), in order."""
+        if self.config.patient_rules:
+            for patient, member, until_ms in d.settle:
+                await self._settle_patient(patient, member, until_ms)
 
     async def _settle_patient(self, patient: str, rq: str, until_ms: int) -> None:
         pk = K.PartitionKeys(K.partition_of_patient(patient))
@@ -557,12 +577,7 @@ class Engine:
             return await self._not_found("hold")
         d = await self.runner.call(R.CONFIRM_HOLD, ref.bundle,
                                    [hold_id, payment_ref, self._off, _rnd()])
-        if self.config.patient_rules and d.rq:
-            # A booking counts until its visit; a refund frees the place.
-            until = 0 if not d.ok else (ref.starts_ms or 0) + 86_400_000
-            if until == 86_400_000:
-                until = d.now + 30 * 86_400_000
-            await self._settle_patient(d.pat, d.rq, until)
+        await self._settle(d)
         if not d.ok:
             return d.refused()
         return Booked(
@@ -577,10 +592,9 @@ class Engine:
             return await self._not_found("hold")
         d = await self.runner.call(R.RELEASE_HOLD, ref.bundle,
                                    [hold_id, account, self._off, _rnd()])
+        await self._settle(d)
         if not d.ok:
             return d.refused()
-        if self.config.patient_rules and d.rq:
-            await self._settle_patient(d.pat, d.rq, 0)
         return Released(hold_id, d.now, replay=bool(d.rp))
 
     async def cancel(
@@ -595,10 +609,9 @@ class Engine:
             R.CANCEL_BOOKING, ref.bundle,
             [booking_id, account, reason, "1" if force else "0", self._off, _rnd()],
         )
+        await self._settle(d)
         if not d.ok:
             return d.refused()
-        if self.config.patient_rules and d.rq:
-            await self._settle_patient(d.pat, d.rq, 0)
         return Cancelled(booking_id, d.now, reason=d.reason or reason, late=bool(d.late),
                          replay=bool(d.rp))
 
@@ -627,6 +640,7 @@ class Engine:
             "bt": booked_at_ms or None,
         })
         d = await self.runner.call(R.RESTORE_BOOKING, ref.bundle, [body, self._off])
+        await self._settle(d)
         if not d.ok:
             return d.refused()
         if d.ended:
@@ -672,6 +686,7 @@ class Engine:
                 while True:
                     d = await self.runner.call(R.EXPIRE_HOLDS, ref.bundle,
                                                [limit, self._off, _rnd()])
+                    await self._settle(d)
                     total += d.expired
                     if d.expired + d.requeued + d.closed < limit:
                         break

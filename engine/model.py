@@ -60,6 +60,9 @@ class SessionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tz_min: Annotated[int, msgspec.Meta(ge=-720, le=840)] = 480
     #: expert / general ...: picks the cancellation deadline in the hospital rules.
     kind: Annotated[str, msgspec.Meta(max_length=32)] = "general"
+    #: At most this many active holds and bookings per patient across the
+    #: hospital (the hospital's rule; 0 = the engine's default).
+    max_active_per_patient: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
 
     def __post_init__(self) -> None:
         # The pattern admits 2026-02-31; the calendar does not.
@@ -99,6 +102,7 @@ class SessionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 "night_from_min": self.night_from_min,
                 "night_to_min": self.night_to_min,
                 "tz_min": self.tz_min + 1440,  # kept non-negative in Redis
+                "max_active": self.max_active_per_patient,
                 "slots": [
                     {"id": s.slot_id, "start": s.start, "end": s.end, "cap": s.capacity,
                      **({"pools": {str(POOLS[k]): v for k, v in s.pools.items()}}

@@ -59,6 +59,10 @@ class Reply(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     st: str | None = None  # invalid-state: the state found
     what: str | None = None  # not-found: what was missing
     holder: str | None = None  # restore: the record holding the unit
+    #: The patient-wide count to settle (patient, member, active until ms or
+    #: 0 to drop): every record the call started or ended, waitlist offers
+    #: included (lua/includes/records.lua ``note_settle``).
+    settle: list[tuple[str, str, int]] = []
 
     @property
     def ok(self) -> bool:

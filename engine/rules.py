@@ -7,8 +7,9 @@ a hospital's published rules into those values:
 - release calendar: sessions open N days ahead at a local hour, booking stops
   at a cut-off (e.g. 17:00 the day before), booking closed at night;
 - one per patient per department-day (or doctor-day); at most N active
-  bookings per patient across the hospital (checked on the patient's own
-  partition, engine.EngineConfig.max_active_per_patient);
+  bookings per patient across the hospital (the session carries it,
+  ``SessionSpec.max_active_per_patient``; checked on the patient's own
+  partition by ``reservePatient``);
 - channel pools (号源池) with shares and a return time before the session;
 - waitlist (候补) size and payment window; anti-scalper re-release window;
 - cancellation deadline per session kind (expert, general, ...);
@@ -116,6 +117,7 @@ def apply_rules(base: SessionSpec, rules: Rules) -> SessionSpec:
         night_from_min=_minutes(rules.night_from),
         night_to_min=_minutes(rules.night_to),
         tz_min=rules.tz_min,
+        max_active_per_patient=rules.max_active_per_patient,
     )
 
 

@@ -22,6 +22,7 @@ from engine.keys import partition_of
 from engine.model import SessionSpec
 from engine.outcomes import Loaded
 from engine.recovery import import_epochs
+from engine.rules import HospitalRules, load_rules
 from engine.store.queries import StoredSession, upsert_schedule
 
 __all__ = [
@@ -73,6 +74,7 @@ async def import_loaded(engine: Engine, pool: Any, specs: Sequence[SessionSpec])
         raise ValueError(f"duplicate session ids: {', '.join(dupes)}")
     if not specs:
         return []
+    specs = await with_patient_rules(pool, specs)
     async with pool.acquire() as conn:
         await upsert_schedule(conn, [StoredSession.from_spec(s) for s in specs])
     epochs = await import_epochs(engine, pool, {partition_of(s.dept, s.date) for s in specs})
@@ -82,6 +84,24 @@ async def import_loaded(engine: Engine, pool: Any, specs: Sequence[SessionSpec])
         loaded.append(await engine.load_session(spec, open_partition=epoch is not None,
                                                 epoch=epoch))
     return loaded
+
+
+async def with_patient_rules(pool: Any, specs: Sequence[SessionSpec]) -> list[SessionSpec]:
+    """The hospital's patient-wide limit (``Rules.max_active_per_patient``)
+    on every session that does not set its own: a rule a hospital configured
+    is in force whether or not the import applies the rest of its rules
+    (release calendar, pools, ...: ``engine.rules.apply_rules``)."""
+    per_hospital: dict[str, HospitalRules] = {}
+    out: list[SessionSpec] = []
+    for s in specs:
+        if s.max_active_per_patient == 0:
+            if s.hospital not in per_hospital:
+                per_hospital[s.hospital] = await load_rules(pool, s.hospital)
+            limit = per_hospital[s.hospital].for_dept(s.dept).max_active_per_patient
+            if limit:
+                s = msgspec.structs.replace(s, max_active_per_patient=limit)
+        out.append(s)
+    return out
 
 
 async def import_sessions(engine: Engine, pool: Any, specs: Sequence[SessionSpec]) -> ImportReport:

@@ -57,5 +57,5 @@ local ev = event_of('cancelled', rec, now, reason)
 ev.late = late
 outbox(k.outbox, ev)
 give_back(k, settings(k), rec, now, rnd)
-return reply({o = OK, id = id, now = now, rp = 0, reason = reason, pat = rec.pat,
-              rq = rec.rq or '', late = late})
+return reply(settled({o = OK, id = id, now = now, rp = 0, reason = reason, pat = rec.pat,
+                      rq = rec.rq or '', late = late}))

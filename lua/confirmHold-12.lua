@@ -37,9 +37,9 @@ local rec = get_rec(k.recs, id)
 if rec == nil then return reply({o = NOT_FOUND, now = now, what = 'hold'}) end
 
 local function booked_reply(r, replay)
-  return reply({o = OK, id = r.id, sid = r.sid, slot = r.slot, unit = r.unit, now = now,
-                late = r.late or 0, pay = r.pay, rp = replay and 1 or 0, pat = r.pat,
-                rq = r.rq or ''})
+  return reply(settled({o = OK, id = r.id, sid = r.sid, slot = r.slot, unit = r.unit, now = now,
+                        late = r.late or 0, pay = r.pay, rp = replay and 1 or 0, pat = r.pat,
+                        rq = r.rq or ''}))
 end
 if rec.st == 'b' then return booked_reply(rec, true) end
 if rec.st == 'r' then
@@ -61,6 +61,9 @@ local function book(r, late)
   rcall('ZREM', k.pdl, r.id)
   put_rec(k.recs, r)
   outbox(k.outbox, event_of('booked', r, now))
+  -- A booking counts hospital-wide until the day after its visit.
+  local starts = tonumber(rcall('HGET', k.meta, 'starts_ms')) or 0
+  note_settle(r, starts > 0 and starts + 86400000 or now + 30 * 86400000)
   return booked_reply(r, false)
 end
 
@@ -71,8 +74,9 @@ local function refund(r, reason)
   r.ended = now
   put_rec(k.recs, r)
   outbox(k.outbox, event_of('refund_due', r, now, reason))
-  return reply({o = EXPIRED, id = r.id, now = now, reason = reason, rp = 0, pat = r.pat,
-                rq = r.rq or ''})
+  note_settle(r, 0)
+  return reply(settled({o = EXPIRED, id = r.id, now = now, reason = reason, rp = 0,
+                        pat = r.pat, rq = r.rq or ''}))
 end
 
 if rec.st == 'h' and rec.dl > now then

@@ -43,4 +43,5 @@ end
 local n = reclaim(k, cfg, now, limit, rnd)
 local q = requeue(k, cfg, now, limit)
 local more = rcall('ZCOUNT', k.dl, '-inf', now) + rcall('ZCOUNT', k.quar, '-inf', now)
-return reply({o = OK, expired = n, requeued = q, closed = closed, more = more, now = now})
+return reply(settled({o = OK, expired = n, requeued = q, closed = closed, more = more,
+                      now = now}))

@@ -71,8 +71,12 @@ end
 local remember_refusals = ARGV[13] == '1'
 local function remember(tbl)
   local body = reply(tbl)
-  if tbl.o ~= OK and not remember_refusals then return body end
-  rcall('SET', KEYS[13], fingerprint .. '\n' .. body, 'PX', idem_ttl)
+  if tbl.o == OK or remember_refusals then
+    rcall('SET', KEYS[13], fingerprint .. '\n' .. body, 'PX', idem_ttl)
+  end
+  -- Settlements (this hold, holds reclaimed and units offered on the way)
+  -- go to this caller only, never into the stored answer.
+  if #SETTLE > 0 then body = reply(settled(tbl)) end
   return body
 end
 

@@ -15,7 +15,7 @@
     ARGV[2] session JSON: {sid, hospital, dept, doctor, date, period, fee,
             release_ms, cutoff_ms, starts_ms, cancel_before_ms, hold_ttl_ms, scope,
             waitlist_ttl_ms, waitlist_max, rerelease_ms, pool_return_ms,
-            night_from_min, night_to_min, tz_min,
+            night_from_min, night_to_min, tz_min, max_active,
             slots: [{id, start, end, cap, pools: {"1": n, "2": n, "3": n}}]}
             (pools: units of a NEW slot set aside for phone, window, referral;
             the rest are public; units added later are public)
@@ -41,9 +41,9 @@ end
 if m.scope ~= 'dept' and m.scope ~= 'doctor' then return bad('scope must be dept or doctor') end
 local numeric = {'fee', 'release_ms', 'cutoff_ms', 'starts_ms', 'cancel_before_ms', 'hold_ttl_ms',
                  'waitlist_ttl_ms', 'waitlist_max', 'rerelease_ms', 'pool_return_ms',
-                 'night_from_min', 'night_to_min', 'tz_min'}
+                 'night_from_min', 'night_to_min', 'tz_min', 'max_active'}
 for _, f in ipairs({'waitlist_ttl_ms', 'waitlist_max', 'rerelease_ms', 'pool_return_ms',
-                    'night_from_min', 'night_to_min', 'tz_min'}) do
+                    'night_from_min', 'night_to_min', 'tz_min', 'max_active'}) do
   if m[f] == nil then m[f] = 0 end
 end
 for _, f in ipairs(numeric) do
@@ -126,7 +126,8 @@ rcall('HSET', KEYS[1], 'sid', sid, 'hospital', m.hospital, 'dept', m.dept,
   'scope', m.scope, 'slots', slots_json, 'waitlist_ttl_ms', m.waitlist_ttl_ms,
   'waitlist_max', m.waitlist_max, 'rerelease_ms', m.rerelease_ms,
   'pool_return_ms', m.pool_return_ms, 'night_from_min', m.night_from_min,
-  'night_to_min', m.night_to_min, 'tz_min', m.tz_min, 'part', part)
+  'night_to_min', m.night_to_min, 'tz_min', m.tz_min, 'part', part,
+  'max_active', m.max_active)
 rcall('HSETNX', KEYS[1], 'status', 'open')
 rcall('HSETNX', KEYS[1], 'nextno', 0)
 rcall('SADD', KEYS[4], sid)

@@ -38,4 +38,4 @@ if rec.st ~= 'h' then
 end
 end_record(k, rec, 'v', now)
 give_back(k, settings(k), rec, now, rnd)
-return reply({o = OK, id = id, now = now, rp = 0, pat = rec.pat, rq = rec.rq or ''})
+return reply(settled({o = OK, id = id, now = now, rp = 0, pat = rec.pat, rq = rec.rq or ''}))

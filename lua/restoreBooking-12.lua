@@ -41,9 +41,9 @@ local idx = tonumber(rcall('HGET', k.meta, 'i:' .. b.slot))
 if idx == nil then return reply({o = NOT_FOUND, now = now, what = 'slot'}) end
 local unit = tostring(b.unit)
 local holder = rcall('HGET', k.units, unit)
-local score = nil
+local score, cur = nil, nil
 if holder then
-  local cur = get_rec(k.recs, holder)
+  cur = get_rec(k.recs, holder)
   if holder == b.id and cur and cur.st == 'b' then
     return reply({o = OK, now = now, restored = 0})
   end
@@ -70,12 +70,17 @@ else
 end
 rcall('HSET', k.units, unit, b.id)
 rcall('HSET', k.rule, b.pat, b.id)
-put_rec(k.recs, {id = b.id, sid = b.sid, slot = b.slot, unit = b.unit, sc = score,
-                 pat = b.pat, acct = b.acct, st = 'b', dl = 0, at = b.bt or now,
-                 bt = b.bt or now, fee = b.fee or 0, pay = b.pay or '', restored = 1})
+local restored = {id = b.id, sid = b.sid, slot = b.slot, unit = b.unit, sc = score,
+                  pat = b.pat, acct = b.acct, st = 'b', dl = 0, at = b.bt or now,
+                  bt = b.bt or now, fee = b.fee or 0, pay = b.pay or '', restored = 1}
+if holder == b.id and cur ~= nil then restored.rq = cur.rq end  -- what the engine reserved
+put_rec(k.recs, restored)
+-- The booking counts hospital-wide again (Redis may have lost that count too).
+local starts = tonumber(rcall('HGET', k.meta, 'starts_ms')) or 0
+note_settle(restored, starts > 0 and starts + 86400000 or now + 30 * 86400000)
 -- Keep new ids above every id PostgreSQL has seen.
 local seq = tonumber(string.match(b.id, '%.(%d+)$'))
 if seq and (tonumber(rcall('GET', k.seq)) or 0) < seq then
   rcall('SET', k.seq, string.format('%d', seq))
 end
-return reply({o = OK, now = now, restored = 1})
+return reply(settled({o = OK, now = now, restored = 1}))

@@ -56,4 +56,4 @@ for i = 1, #in_use, 2 do
     end
   end
 end
-return reply({o = OK, cancelled = cancelled, released = released, now = now})
+return reply(settled({o = OK, cancelled = cancelled, released = released, now = now}))

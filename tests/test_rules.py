@@ -12,8 +12,9 @@ import msgspec
 import pytest
 
 from engine import Booked, Engine, Held, Reason, Refused, Waitlisted
-from engine.keys import PartitionKeys
+from engine.keys import PartitionKeys, partition_of_patient
 from engine.model import SessionSpec, SlotSpec
+from engine.outcomes import Restore
 from tests.enginekit import config, make_spec, now_ms
 
 
@@ -353,3 +354,67 @@ async def test_late_payment_after_pool_return_takes_any_pool(eng: Engine) -> Non
     b = await eng.confirm(late.hold_id, "pay-late")
     assert isinstance(b, Booked) and b.late and b.unit == 6  # the lowest returned pool unit
     assert (await eng.audit("S1")).ok
+
+
+# -- the patient-wide count is settled by every path that ends a record -------------
+
+
+async def test_every_path_that_ends_a_record_settles_the_patient_wide_count(
+        fresh_redis: Any, redis_url: str) -> None:
+    """A hospital limit of two active holds and bookings per patient, with
+    the engine's defaults (what every CLI worker and the API run): a
+    suspension (停诊), a forced cancel, an expiry and a release each give the
+    patient's place back at once, and a rebuild's restore counts a booking
+    again; a waitlist offer counts against the limit like any hold."""
+    from engine import EngineConfig
+
+    cfg = EngineConfig(account_rate_per_s=0, patient_rate_per_s=0)
+    assert cfg.patient_rules  # on by default: a configured rule is in force
+    async with Engine.connect(redis_url, cfg) as eng:
+        for d in range(6):
+            await eng.load_session(spec(f"S{d}", dept=f"D{d}", doctor=f"DR{d}", caps=(1,),
+                                        max_active_per_patient=2, hold_ttl_ms=1000,
+                                        waitlist_ttl_ms=60_000, waitlist_max=5))
+        b0 = await book(eng, "S0", "pat")
+        await book(eng, "S1", "pat")
+        assert await eng.active_count("pat") == 2
+        r = await eng.hold("S2", "0800", patient="pat", account="a-pat")
+        assert isinstance(r, Refused) and r.reason is Reason.LIMIT_REACHED
+        # 停诊: the suspension cancels the booking and frees the place.
+        assert (await eng.suspend("S1")).ok
+        assert await eng.active_count("pat") == 1
+        # A forced cancel (admin, HIS compensation) frees it too.
+        assert (await eng.cancel(b0, force=True, reason="his_rejected")).ok
+        assert await eng.active_count("pat") == 0
+        # Expiry (the sweeper) and release.
+        h = await eng.hold("S2", "0800", patient="pat", account="a-pat")
+        assert isinstance(h, Held) and await eng.active_count("pat") == 1
+        eng.config.clock_offset_ms = 2_000
+        assert await eng.sweep() == 1
+        assert await eng.active_count("pat") == 0
+        eng.config.clock_offset_ms = 0
+        # A waitlist offer counts: the waiter gets the returned unit as a hold.
+        other = await book(eng, "S3", "someone")
+        assert (await eng.join_waitlist("S3", patient="pat", account="a-pat")).ok
+        await book(eng, "S4", "pat")
+        assert await eng.active_count("pat") == 1
+        assert (await eng.cancel(other)).ok  # the unit goes to pat as an offer
+        assert await eng.active_count("pat") == 2
+        r = await eng.hold("S5", "0800", patient="pat", account="a-pat")
+        assert isinstance(r, Refused) and r.reason is Reason.LIMIT_REACHED
+        snap = await eng.snapshot("S3")
+        assert snap is not None
+        offer_id = snap["used"][0][2]
+        assert (await eng.release(offer_id)).ok  # the waiter passes: the place is free
+        assert await eng.active_count("pat") == 1
+        # A restore after Redis lost the count puts the booking back in it.
+        pk = PartitionKeys(partition_of_patient("pat"))
+        await eng.client.delete(pk.patient_active("pat"))
+        assert await eng.active_count("pat") == 0
+        ref = await eng.ref("S5")
+        assert ref is not None
+        restored = await eng.restore_booking(
+            booking_id=f"{ref.partition}.S5.{10**16}", session_id="S5", slot_id="0800", unit=1,
+            patient="pat", account="a-pat", fee=5000)
+        assert restored is Restore.RESTORED
+        assert await eng.active_count("pat") == 1

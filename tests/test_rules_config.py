@@ -130,3 +130,25 @@ async def test_late_cancels_recorded_by_the_writer_ban_the_patient(
         assert await db.fetchval("SELECT count(*) FROM bookings WHERE late_cancel") == 3
         r = await eng.hold("L3", "0800", patient="p-cancel", account="acct")
         assert isinstance(r, Refused) and r.reason is Reason.BANNED
+
+
+async def test_a_hospital_limit_is_in_force_on_every_import(
+        fresh_redis: Any, redis_url: str, db: asyncpg.Pool) -> None:
+    """`max_active_per_patient` in a hospital's stored rules is read: a plain
+    import (no apply_rules) carries it into the session, and the engine with
+    its defaults (the CLI's and the API's) enforces it."""
+    from engine import EngineConfig
+    from engine.schedule_import import import_sessions
+
+    await save_rules(db, "H1", HospitalRules(default=Rules(max_active_per_patient=1)))
+    async with Engine.connect(redis_url, EngineConfig(account_rate_per_s=0,
+                                                      patient_rate_per_s=0)) as eng:
+        await import_sessions(eng, db, [make_spec("S1", dept="D1", caps=(3,)),
+                                        make_spec("S2", dept="D2", caps=(3,))])
+        h = await eng.hold("S1", "0800", patient="p", account="a")
+        assert isinstance(h, Held)
+        r = await eng.hold("S2", "0800", patient="p", account="a")
+        assert not r.ok and r.reason.value == "limit-reached"
+        stored = await db.fetchval("SELECT spec->>'max_active_per_patient' FROM sessions"
+                                   " WHERE id = 'S2'")
+        assert stored == "1"  # kept for a rebuild

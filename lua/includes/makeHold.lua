@@ -12,5 +12,6 @@ local function make_hold(k, cfg, now, sid, slot, unit, score, pat, acct, ttl, ex
                acct = acct, st = 'h', dl = dl, at = now, fee = cfg.fee}
   for f, v in pairs(extra or {}) do rec[f] = v end
   put_rec(k.recs, rec)
+  note_settle(rec, dl + 1000)  -- a hold counts until its deadline
   return rec
 end

@@ -2,6 +2,28 @@
 -- Records (holds and bookings share one id) live in the partition's record
 -- hash as JSON. st: h held, b booked, x expired, v released, c cancelled,
 -- r refund due (a payment that found no unit).
+
+-- The patient-wide count (hospital-wide active holds and bookings) lives on
+-- each patient's own partition, which no session script may touch (another
+-- hash slot). So every step that starts or ends a record notes here what the
+-- count must become, {patient, member, active until ms (0 = drop)}, and the
+-- reply carries it (`settle`); the engine applies it (settlePatient). The
+-- member is the hold's request id (rq: what the engine reserved) or, for a
+-- waitlist offer, the record id.
+local SETTLE = {}
+local function member_of(rec)
+  if rec.rq and rec.rq ~= '' then return rec.rq end
+  return rec.id
+end
+local function note_settle(rec, until_ms)
+  SETTLE[#SETTLE + 1] = {rec.pat, member_of(rec), until_ms}
+end
+-- The reply table with the settlements noted so far (if any: Lua's JSON
+-- would write an empty table as {}).
+local function settled(tbl)
+  if #SETTLE > 0 then tbl.settle = SETTLE end
+  return tbl
+end
 local function get_rec(recs_key, id)
   local raw = rcall('HGET', recs_key, id)
   if not raw then return nil end
@@ -35,4 +57,5 @@ local function end_record(k, rec, state, now, reason)
   if reason ~= nil then rec.rsn = reason end
   put_rec(k.recs, rec)
   drop_rule(k.rule, rec)
+  note_settle(rec, 0)
 end
