@@ -1,5 +1,5 @@
 """Read queries of the browse catalogue (hospitals, departments, doctors,
-sessions), and two small ops queries, over the schema of ``engine.store``.
+sessions), and a small ops query, over the schema of ``engine.store``.
 
 Private to the API: ``engine.store.queries`` holds the writes and the
 queries the engine shares; these are the API's own reads.
@@ -20,7 +20,6 @@ __all__ = [
     "MAX_DAYS",
     "departments",
     "doctors",
-    "his_lag",
     "hospitals",
     "rules_for_session",
     "session",
@@ -140,15 +139,6 @@ async def set_slot_capacity(db: Queryable, session_id: str, slot_id: str, capaci
         slot_id,
         capacity,
     )
-
-
-async def his_lag(db: Queryable) -> tuple[int, float]:
-    """Booked rows HIS has not accepted yet, and the age in seconds of the oldest."""
-    r = await db.fetchrow(
-        "SELECT count(*) AS n, coalesce(extract(epoch FROM now() - min(booked_at)), 0) AS age"
-        " FROM bookings WHERE status = 'booked' AND his_status IN ('pending', 'unknown')"
-    )
-    return int(r["n"]), float(r["age"])
 
 
 async def rules_for_session(db: Any, session_id: str) -> Rules:

@@ -16,7 +16,6 @@ import msgspec
 import structlog
 from redis.exceptions import RedisError
 
-from api import catalog
 from api.auth import (
     Bearer,
     Code2SessionVerifier,
@@ -29,6 +28,7 @@ from api.hotpath import Admission, MicroCache, ReleaseTimes, ServerClock, SoldOu
 from api.metrics import Metrics
 from api.settings import Settings
 from engine.engine import Engine
+from engine.forwarder import his_lag
 from engine.identity import RealNameVerifier
 from engine.identity.http import HttpRealNameVerifier
 from engine.identity.simulator import SimulatedRealName
@@ -254,7 +254,9 @@ class Api:
             async with asyncio.timeout(2):
                 pg_ok = (await self.pool.fetchval("SELECT 1")) == 1
                 if pg_ok:
-                    st.his_pending, st.his_oldest_pending_age_s = await catalog.his_lag(self.pool)
+                    his = await his_lag(self.pool)  # the forwarder's own measure
+                    st.his_pending = his.pending
+                    st.his_oldest_pending_age_s = his.oldest_pending_age_ms / 1000
         except Exception:
             pg_ok = False
         st.redis, st.postgres = redis_ok, pg_ok

@@ -17,7 +17,9 @@ gauges are per worker by design (in-flight calls, last-seen inventory).
 - ``haoyuan_writer_pending_entries``, ``haoyuan_writer_undelivered_entries``,
   ``haoyuan_outbox_dead_letters``, ``haoyuan_writer_oldest_pending_age_seconds``,
   ``haoyuan_outbox_stream_length``: the outbox writer's lag.
-- ``haoyuan_his_pending_bookings``, ``haoyuan_his_oldest_pending_age_seconds``.
+- ``haoyuan_his_pending_bookings``, ``haoyuan_his_oldest_pending_age_seconds``: what the
+  HIS forwarder has still to send (bookings, cancels, unknown outcomes:
+  ``engine.forwarder.his_lag``, the one definition).
 """
 
 from __future__ import annotations

@@ -283,9 +283,18 @@ async def test_late_cancel_counts_toward_a_ban(client: Client, app: Litestar, re
     await drain_outbox(redis_url, db)
     r = await client.post(f"/v1/bookings/{hid}/cancel", headers=p.headers)
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    # The outbox writer records the late cancel and applies the policy: one
+    # home for the rule (the API used to apply it too, and could ban twice).
+    await drain_outbox(redis_url, db)
     is_problem(await hold(client, p, later.session_id), 403, "banned")
     assert (await client.delete(f"/v1/admin/patients/{p.ref}/ban", headers=ADMIN)
             ).json()["lifted"] == 1
+    pool = await asyncpg.connect(db)
+    try:
+        assert await pool.fetchval("SELECT count(*) FROM patient_bans WHERE patient_ref = $1",
+                                   p.ref) == 1
+    finally:
+        await pool.close()
 
 
 # ------------------------------------------------------------------ staff channels

@@ -14,15 +14,13 @@ import msgspec
 import structlog
 from litestar import Controller, Request, Response, get, post
 
-from api import catalog
-from api.context import Api, api_of
+from api.context import api_of
 from api.docs import ACCOUNT, errors
 from api.guards import account_of, account_required
 from api.problems import json_response, refused
 from api.routes.holds import not_found, own_record, recovering_or_not_found, shed
 from api.schemas import HOLD_ID_RE, BookingOut, CancelledOut
 from engine.outcomes import Reason, Refused
-from engine.rules import check_ban
 from engine.store import queries as q
 
 log = structlog.get_logger("haoyuan.api")
@@ -41,27 +39,6 @@ def _row(r: q.BookingRow) -> BookingOut:
         status=r.status, fee=r.fee_cents, booked_at_ms=_ms(r.booked_at),
         cancelled_at_ms=_ms(r.cancelled_at), his_status=r.his_status,
     )
-
-
-async def _late_cancel(api: Api, booking_id: str) -> None:
-    """A late cancel counts toward the no-show policy: ban the patient at the
-    limit. Best effort: the cancel stands whatever happens here.
-
-    The outbox writer records the cancel in PostgreSQL a moment later; the
-    row is marked here first (when it exists) so that this cancel counts."""
-    try:
-        rec = await api.engine.record(booking_id)
-        patient = None if rec is None else rec.get("pat")
-        if not patient:
-            return
-        await api.pool.execute(
-            "UPDATE bookings SET late_cancel = true, cancelled_at = coalesce(cancelled_at, now())"
-            " WHERE id = $1", booking_id)
-        rules = await catalog.rules_for_session(api.pool, booking_id.split(".")[1])
-        await check_ban(api.pool, api.engine, str(patient), rules)
-    except Exception as exc:
-        log.warning("late_cancel_ban_check_failed", booking_id=booking_id,
-                    error=type(exc).__name__)
 
 
 class BookingController(Controller):
@@ -119,8 +96,6 @@ class BookingController(Controller):
             return refused(out, path)
         api.metrics.decision("cancel", "cancelled")
         api.soldout.clear(booking_id.split(".")[1])
-        if out.late and not out.replay:
-            await _late_cancel(api, booking_id)
         body = CancelledOut(booking_id=booking_id, server_ms=out.server_ms, reason=out.reason,
                             replay=out.replay)
         return json_response(_encode(body))
