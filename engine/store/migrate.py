@@ -126,13 +126,21 @@ async def migrate(dsn: str, *, lock_timeout_s: float = 60.0) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m engine.store.migrate [DSN]`` (the same as ``haoyuan migrate``)."""
+    import argparse
     import asyncio
+    import os
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m engine.store.migrate <postgresql dsn>", file=sys.stderr)
-        return 2
-    applied = asyncio.run(migrate(args[0]))
+    ap = argparse.ArgumentParser(
+        prog="python -m engine.store.migrate",
+        description="Apply pending PostgreSQL migrations (engine/store/migrations/*.sql, in "
+                    "order, each once, under an advisory lock; a changed file is refused).")
+    ap.add_argument("dsn", nargs="?", default=os.environ.get("HAOYUAN_PG_DSN"),
+                    help="PostgreSQL DSN (default: $HAOYUAN_PG_DSN)")
+    args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not args.dsn:
+        ap.error("give a DSN or set HAOYUAN_PG_DSN")
+    applied = asyncio.run(migrate(args.dsn))
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
     return 0
 
