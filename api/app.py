@@ -21,7 +21,7 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.plugins import JsonRenderPlugin, ScalarRenderPlugin, SwaggerRenderPlugin
 
 from api.context import Api
 from api.docs import components, finish_openapi
@@ -75,7 +75,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             description="号源: hospital appointment booking at slot-release time",
             path="/schema",
             components=components(),
-            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin()],
+            # The pages load their scripts from a CDN: development only (Settings).
+            render_plugins=([ScalarRenderPlugin(), SwaggerRenderPlugin()] if settings.docs_ui
+                            else [JsonRenderPlugin()]),
             use_handler_docstrings=True,
         ),
         logging_config=None,

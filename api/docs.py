@@ -23,11 +23,12 @@ from litestar.openapi.spec import (
 
 from api.problems import PROBLEM_MEDIA, Problem
 
-__all__ = ["ACCOUNT", "ADMIN", "PAYMENT", "components", "errors", "finish_openapi"]
+__all__ = ["ACCOUNT", "ADMIN", "OPS", "PAYMENT", "components", "errors", "finish_openapi"]
 
 ACCOUNT: list[dict[str, list[str]]] = [{"account": []}]
 ADMIN: list[dict[str, list[str]]] = [{"admin": []}]
 PAYMENT: list[dict[str, list[str]]] = [{"payment_timestamp": [], "payment_signature": []}]
+OPS: list[dict[str, list[str]]] = [{"ops": []}]
 
 _TEXT = {
     401: "Not authenticated (missing, expired or forged token or signature)",
@@ -58,12 +59,15 @@ def components() -> Components:
                 description="Account token from POST /v1/auth/wechat"),
             "admin": SecurityScheme(type="http", scheme="bearer",
                                     description="HAOYUAN_ADMIN_TOKEN"),
+            "ops": SecurityScheme(type="http", scheme="bearer",
+                                  description="HAOYUAN_OPS_TOKEN (/metrics, the detailed /readyz)"),
             "payment_timestamp": SecurityScheme(
                 type="apiKey", name="X-Payment-Timestamp", security_scheme_in="header",
                 description="Unix seconds; within 5 minutes of the server clock"),
             "payment_signature": SecurityScheme(
                 type="apiKey", name="X-Payment-Signature", security_scheme_in="header",
-                description='hex HMAC-SHA256(payment secret, f"{timestamp}.{raw body}")'),
+                description='hex HMAC-SHA256(payment secret, "v2\\n{timestamp}\\n{METHOD}'
+                            '\\n{path}\\n" + raw body): binds the hold id in the path'),
         }
     )
 

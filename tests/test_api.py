@@ -128,13 +128,14 @@ def test_every_reason_has_a_problem_type() -> None:
 
 
 def test_settings_from_env() -> None:
-    s = Settings.from_env({"HAOYUAN_MAX_INFLIGHT": "7", "HAOYUAN_ACCESS_LOG": "off",
+    dev = {"HAOYUAN_ENV": "development"}
+    s = Settings.from_env({**dev, "HAOYUAN_MAX_INFLIGHT": "7", "HAOYUAN_ACCESS_LOG": "off",
                            "HAOYUAN_WECHAT_MODE": "dev"})
     assert s.max_inflight == 7 and s.access_log is False
     with pytest.raises(SettingsError):
-        Settings.from_env({"HAOYUAN_MAX_INFLIGHT": "many"})
+        Settings.from_env({**dev, "HAOYUAN_MAX_INFLIGHT": "many"})
     with pytest.raises(SettingsError):
-        Settings.from_env({"HAOYUAN_WECHAT_MODE": "other"})
+        Settings.from_env({**dev, "HAOYUAN_WECHAT_MODE": "other"})
     with pytest.raises(SettingsError):  # production refuses development secrets
         Settings.from_env({"HAOYUAN_ENV": "production"})
 
@@ -590,17 +591,18 @@ async def test_confirm_signed_callback(client: Client) -> None:
     headers, pid = await account(client)
     hid = (await hold(client, headers, sid, pid)).json()["hold_id"]
     body = msgspec.json.encode({"payment_ref": "wx-pay-1", "amount": 5000})
-    stale = payment_headers(body, ts=int(time.time()) - 600)
+    path = f"/v1/holds/{hid}/confirm"
+    stale = payment_headers(body, path=path, ts=int(time.time()) - 600)
     is_problem(await client.post(f"/v1/holds/{hid}/confirm", content=body, headers=stale), 401,
                "bad-signature")
-    forged = payment_headers(body, secret="not-the-secret")
+    forged = payment_headers(body, path=path, secret="not-the-secret")
     is_problem(await client.post(f"/v1/holds/{hid}/confirm", content=body, headers=forged), 401,
                "bad-signature")
     is_problem(await pay(client, hid, 4999), 422, "amount-mismatch")
     is_problem(await pay(client, "9.nope.1", 5000), 404, "not-found")
     bad = msgspec.json.encode({"payment_ref": "wx pay", "amount": 5000})
     is_problem(await client.post(f"/v1/holds/{hid}/confirm", content=bad,
-                                 headers=payment_headers(bad)), 422, "invalid-input")
+                                 headers=payment_headers(bad, path=path)), 422, "invalid-input")
     r = await pay(client, hid, 5000, "wx-pay-1")
     assert r.status_code == 200, r.text
     b = r.json()
