@@ -702,7 +702,7 @@ async def test_admin(client: Client, redis_url: str, db: str) -> None:
     hid = (await hold(client, headers, sid, pid)).json()["hold_id"]
     assert (await pay(client, hid, 5000)).status_code == 200
     b = (await client.get(f"/v1/admin/bookings/{hid}", headers=ADMIN)).json()
-    assert b["state"] == "booked" and b["payment_ref"] == "pay-1" and b["persisted"] is False
+    assert b["state"] == "booked" and b["payment_ref"] == f"pay-{hid}" and b["persisted"] is False
     await drain_outbox(redis_url, db)
     b = (await client.get(f"/v1/admin/bookings/{hid}", headers=ADMIN)).json()
     assert b["persisted"] is True and b["his_status"] == "pending"
