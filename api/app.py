@@ -39,6 +39,7 @@ from api.routes.patients import PatientController
 from api.routes.rules import RulesController
 from api.routes.waitlist import WaitlistController
 from api.settings import Settings
+from api.strict import StrictRequest
 
 __all__ = ["create_app"]
 
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             use_handler_docstrings=True,
         ),
         logging_config=None,
+        request_class=StrictRequest,
         request_max_body_size=settings.max_body_bytes,
         debug=False,
     )
