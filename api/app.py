@@ -27,6 +27,7 @@ from api.context import Api
 from api.docs import components, finish_openapi
 from api.errors import on_error, on_http, on_problem
 from api.fastpath import hold_fastpath
+from api.hardening import harden
 from api.logs import configure_logging, request_context
 from api.problems import ProblemError
 from api.routes.admin import AdminController
@@ -91,5 +92,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     # every request (404s and 405s too), instead of a route middleware that
     # makes Litestar add a second exception-handling layer per route.
     handler = hold_fastpath(api, app.asgi_handler) if settings.fast_path else app.asgi_handler
+    # Inside the request context (request id, metrics, access log): refuses
+    # NUL bytes, sets the security headers, bounds the time a body may take.
+    handler = harden(settings.body_timeout_s)(handler)
     app.asgi_handler = request_context(api.metrics, settings.access_log)(handler)
     return app

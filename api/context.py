@@ -17,7 +17,7 @@ import structlog
 
 from api import catalog
 from api.auth import Code2SessionVerifier, CodeVerifier, DevCodeVerifier, TokenSigner
-from api.hotpath import Admission, MicroCache, PatientRefs, ReleaseTimes, ServerClock, SoldOut
+from api.hotpath import Admission, MicroCache, ReleaseTimes, ServerClock, SoldOut
 from api.metrics import Metrics
 from api.settings import DEV_WARNING, Settings, SettingsError
 from engine.engine import Engine
@@ -67,7 +67,6 @@ class Api:
         self.availability_cache: MicroCache[str, bytes] = MicroCache(s.availability_ttl_ms)
         self.catalog_cache: MicroCache[Any, bytes] = MicroCache(s.catalog_ttl_ms)
         self.admission = Admission(s.max_inflight, s.max_loop_lag_ms)
-        self.patient_refs = PatientRefs(s.patient_ref_ttl_s)
         self.engine: Engine = Engine.connect(s.redis_url, s.engine_config())
         self._pool: asyncpg.Pool | None = None
         self._ops: MicroCache[str, OpsStatus] = MicroCache(int(s.ops_cache_s * 1000))
@@ -128,13 +127,13 @@ class Api:
 
     # ------------------------------------------------------------------ helpers
     async def patient_ref(self, account: str, patient_id: str) -> str | None:
-        """The engine's patient ref of one of the account's patients, or None."""
-        ref = self.patient_refs.get(account, patient_id)
-        if ref is not None:
-            return ref
-        # The binding mirror in Redis (one batched read) before PostgreSQL:
-        # on release morning every hold is an account's first, so this cache
-        # is cold and the store would pay one query per hold.
+        """The engine's patient ref of one of the account's patients, or None.
+
+        Read from the binding mirror in Redis on every call (one batched
+        script, in the same pipelines as the decisions), never from a
+        per-worker cache: an unbind's tombstone is honoured by every worker
+        at once. PostgreSQL only on a miss, which fills the mirror (never over
+        a tombstone)."""
         ref = await self.engine.binding(account, patient_id)
         if ref == "":
             return None  # unbound (tombstone)
@@ -143,7 +142,6 @@ class Api:
             if ref is None:
                 return None
             await self.engine.mirror_binding(account, patient_id, ref, fill=True)
-        self.patient_refs.put(account, patient_id, ref)
         return ref
 
     def learn(self, availability: Availability) -> None:

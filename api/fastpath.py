@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 import msgspec
 
 from api.errors import error_response
+from api.hardening import BodyTimeout
 from api.problems import RawResponse
 from api.routes.holds import decide_hold
 from api.schemas import IDEMPOTENCY_RE, HoldIn
@@ -55,14 +56,19 @@ def hold_fastpath(api: Api, app: ASGIApp) -> ASGIApp:
                 ctype = v
         messages: list[ReceiveMessage] = []
         body = b""
-        while True:
-            msg = await receive()
-            messages.append(msg)
-            if msg["type"] != "http.request":
-                break
-            body += msg.get("body", b"")
-            if not msg.get("more_body", False) or len(body) > _MAX_BODY:
-                break
+        try:
+            while True:
+                msg = await receive()
+                messages.append(msg)
+                if msg["type"] != "http.request":
+                    break
+                body += msg.get("body", b"")
+                if not msg.get("more_body", False) or len(body) > _MAX_BODY:
+                    break
+        except BodyTimeout as exc:
+            await error_response(exc, _PATH).to_asgi_response(None, None)(  # type: ignore[arg-type]
+                asgi_scope, receive, send)
+            return
         account = _account(tokens, auth)
         data = None
         key: str | None = None

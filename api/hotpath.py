@@ -13,8 +13,9 @@
   concurrent misses of one key share one load (coalescing).
 - ``Admission``: a bounded count of engine calls in flight; above it, shed
   (429 with a jittered Retry-After) instead of queueing without bound.
-- ``PatientRefs``: (account, patient id) -> patient ref, so holds do not
-  touch PostgreSQL after the first one.
+- No cache of patient refs: every hold reads the binding mirror in Redis
+  (batched with the decisions), so an unbind stops every worker's holds at
+  once (``Api.patient_ref``).
 
 None of this decides anything: a local answer only repeats what Redis said.
 """
@@ -26,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-__all__ = ["Admission", "MicroCache", "PatientRefs", "ReleaseTimes", "ServerClock", "SoldOut"]
+__all__ = ["Admission", "MicroCache", "ReleaseTimes", "ServerClock", "SoldOut"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -195,26 +196,3 @@ class Admission:
             await asyncio.sleep(self.tick_s)
             late = max(0.0, (loop.time() - t - self.tick_s) * 1000)
             self.lag_ms = late if late > self.lag_ms else 0.7 * self.lag_ms + 0.3 * late
-
-
-class PatientRefs:
-    def __init__(self, ttl_s: float) -> None:
-        self.ttl_s = ttl_s
-        self._refs: dict[tuple[str, str], tuple[str, float]] = {}
-
-    def get(self, account: str, patient_id: str) -> str | None:
-        hit = self._refs.get((account, patient_id))
-        if hit is None:
-            return None
-        if hit[1] < _mono():
-            del self._refs[(account, patient_id)]
-            return None
-        return hit[0]
-
-    def put(self, account: str, patient_id: str, ref: str) -> None:
-        if len(self._refs) > 200_000:
-            self._refs.clear()
-        self._refs[(account, patient_id)] = (ref, _mono() + self.ttl_s)
-
-    def forget(self, account: str, patient_id: str) -> None:
-        self._refs.pop((account, patient_id), None)

@@ -126,9 +126,6 @@ class Settings:
     release_cache_ttl_ms: int = 5000
     #: Closer than this to the release instant, ask Redis.
     not_open_margin_ms: int = 250
-    #: (account, patient id) -> patient ref, per worker. An unbinding reaches
-    #: the other workers' holds within this time.
-    patient_ref_ttl_s: float = 30.0
     #: Serve well-formed POST /v1/holds in front of Litestar (api.fastpath).
     fast_path: bool = True
 

@@ -23,6 +23,7 @@ and keys with ``python -c 'import base64, os; print(base64.b64encode(os.urandom(
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -77,7 +78,7 @@ def _run_share(codes: Sequence[int]) -> float:
     """Share of neighbours that step by -1, 0 or +1 (``aaaa``, ``abcd``, ``4321``)."""
     if len(codes) < 2:
         return 1.0
-    steps = sum(1 for a, b in zip(codes, codes[1:], strict=False) if abs(a - b) <= 1)
+    steps = sum(1 for a, b in itertools.pairwise(codes) if abs(a - b) <= 1)
     return steps / (len(codes) - 1)
 
 

@@ -259,16 +259,13 @@ async def test_binding_mirror_serves_holds_and_unbind_tombstones(
     async with Engine.connect(redis_url) as eng:
         assert await eng.binding(acct, pid) == ref  # written by the bind
         await eng.client.delete(K.binding_mirror(acct))  # e.g. Redis lost it
-        a.patient_refs.forget(acct, pid)
         assert (await hold(client, headers, sid, pid)).status_code == 201  # store, then filled
         assert await eng.binding(acct, pid) == ref
         # The mirror is what holds read: a tombstone makes the patient unknown
-        # at once, whatever the store and this worker's cache said.
+        # at once, whatever the store said (no worker caches a ref).
         await eng.mirror_binding(acct, pid, None)
-        a.patient_refs.forget(acct, pid)
         is_problem(await hold(client, headers, sid, pid, slot="0830"), 404, "not-found")
         await eng.mirror_binding(acct, pid, ref)
-        a.patient_refs.forget(acct, pid)
         is_problem(await hold(client, headers, sid, pid, slot="0830"), 409, "duplicate")
         assert (await client.delete(f"/v1/patients/{pid}", headers=headers)).status_code == 204
         assert await eng.binding(acct, pid) == ""
@@ -316,7 +313,6 @@ async def test_unbind_wins_over_concurrent_fills_of_the_binding_mirror(
             assert fills > 0
             assert await eng.binding(acct, pid) == ""
         for i in range(3):
-            a.patient_refs.forget(acct, pid)
             is_problem(await hold(client, headers, sid, pid, key=f"after-{i}"), 404, "not-found")
     finally:
         stop.set()

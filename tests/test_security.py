@@ -437,10 +437,12 @@ async def test_docs_ui_is_off_unless_asked_for(redis_url: str, db: str) -> None:
     app = create_app(settings(redis_url, db, docs_ui=False))
     async with AsyncTestClient(app) as c:
         assert (await c.get("/schema/openapi.json")).status_code == 200
-        for ui in ("/schema/swagger", "/schema/scalar", "/schema"):
+        for ui in ("/schema/swagger", "/schema/scalar", "/schema/redoc", "/schema/elements"):
             r = await c.get(ui)
             assert r.status_code == 404, (ui, r.status_code)
             assert "cdn" not in r.text
+        r = await c.get("/schema")  # the document itself, no page that loads scripts
+        assert "html" not in r.headers["content-type"] and "cdn" not in r.text
 
 
 # ------------------------------------------------------------------ unbind, every worker

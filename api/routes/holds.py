@@ -8,7 +8,8 @@ POST /v1/holds is the release-morning hot path. In order, cheapest first:
    requests without an Idempotency-Key, and keyed ones with no stored
    answer (Engine.has_answer, batched): a keyed request may be the retry of
    a hold whose answer was lost, and Redis holds its first answer;
-3. the patient ref from the per-worker cache (PostgreSQL on first use only);
+3. the patient ref from the binding mirror in Redis (batched; PostgreSQL on a
+   miss only), read on every hold so that an unbind stops every worker at once;
 4. admission: above ``max_inflight`` engine calls in flight, 429 at once;
 5. one engine call (one Lua script, batched with concurrent calls).
 """

@@ -91,5 +91,4 @@ class PatientController(Controller):
         await api.engine.mirror_binding(account, patient_id, None)
         if not await q.unbind_patient(api.pool, account, patient_id):
             raise ProblemError.of("not-found", "no such patient", instance=request.url.path)
-        api.patient_refs.forget(account, patient_id)
         return Response(None, status_code=204)
