@@ -7,8 +7,8 @@ response headers, and a deadline on request bodies.
 - Every answer carries ``X-Content-Type-Options: nosniff`` and
   ``Cache-Control: no-store`` (tokens, patient data, holds and bookings must
   not be kept by a browser or a proxy; nothing here is worth caching
-  downstream: availability changes by the millisecond), and no ``Server``
-  header.
+  downstream: availability changes by the millisecond), and an empty
+  ``Server`` header (no banner: granian adds its own unless the app sends one).
 - A request body must arrive within ``Settings.body_timeout_s`` of the first
   time it is awaited: a client that sends it a byte a second gets a 408
   problem and ``Connection: close``, instead of holding a worker's
@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 __all__ = ["BodyTimeout", "harden", "send_problem"]
 
 _BAD_PATH = re.compile("[\x00\ud800-\udfff]")
-_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"))
+#: An empty Server header: granian adds ``server: granian`` unless the app sends one.
+_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"),
+            (b"server", b""))
 _NAMES = frozenset(k for k, _ in _HEADERS)
 
 
@@ -59,7 +61,7 @@ def harden(body_timeout_s: float) -> Callable[[ASGIApp], ASGIApp]:
             async def send_hardened(message: Message) -> None:
                 if message["type"] == "http.response.start":
                     headers = [(k, v) for k, v in message.get("headers", ())
-                               if k.lower() not in _NAMES and k.lower() != b"server"]
+                               if k.lower() not in _NAMES]
                     message["headers"] = [*headers, *_HEADERS]
                 await send(message)
 
