@@ -9,11 +9,15 @@ mode, explicitly); tests use their own sessions and accounts."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import hashlib
+import hmac
 import itertools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -31,10 +35,12 @@ from tests.apikit import (
     PAYMENT_SECRET,
     bind,
     flushed_app,
+    granian,
     import_sessions,
     login,
     pay,
     payment_headers,
+    server_env,
     settings,
 )
 from tests.asgikit import Answer, asgi_request
@@ -142,8 +148,6 @@ async def test_payment_signature_binds_the_hold(client: Client) -> None:
                                      headers=signed), 401, "bad-signature")
     # The old scheme (timestamp and body only) is refused.
     ts = int(time.time())
-    import hashlib
-    import hmac
     old = hmac.new(PAYMENT_SECRET.encode(), str(ts).encode() + b"." + body,
                    hashlib.sha256).hexdigest()
     is_problem(await client.post(
@@ -490,9 +494,6 @@ def test_signature_covers_method_and_path() -> None:
 async def _slow_request(base: str, body: bytes, *, gap_s: float) -> tuple[bytes, float]:
     """A POST whose body trickles in one byte every ``gap_s``; the raw answer
     and how long until the server closed the connection."""
-    import asyncio
-    from urllib.parse import urlsplit
-
     u = urlsplit(base)
     reader, writer = await asyncio.open_connection(u.hostname, u.port)
     t0 = time.monotonic()
@@ -522,13 +523,10 @@ async def _slow_request(base: str, body: bytes, *, gap_s: float) -> tuple[bytes,
 async def test_slow_bodies_time_out_and_no_server_banner(redis_url: str, db: str) -> None:
     """8 connections sending 1 byte/s stayed open 43 s; now 408 after the
     body deadline, and the connection is closed."""
-    import asyncio
-
-    from tests.apikit import granian, server_env
-
     env = server_env(redis_url, db, HAOYUAN_BODY_TIMEOUT_S="1.5", HAOYUAN_MIGRATE="0")
     with granian(env, workers=1) as base:
-        r = httpx.get(base + "/healthz")
+        async with httpx.AsyncClient() as c:
+            r = await c.get(base + "/healthz")
         assert r.status_code == 200 and r.headers.get("server", "") == "", r.headers
         assert r.headers["x-content-type-options"] == "nosniff"
         body = b'{"code":"dev-slowloris-0123456789"}'
