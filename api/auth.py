@@ -198,7 +198,7 @@ def check_admin(headers: Any, admin_token: str) -> bool:
 def sign_payment(secret: str, timestamp: int | str, body: bytes, *, method: str = "POST",
                  path: str) -> str:
     """The signature the payment side puts in X-Payment-Signature (scheme v2)."""
-    msg = f"v2\n{timestamp}\n{method.upper()}\n{path}\n".encode() + body
+    msg = f"v2\n{timestamp}\n{method.upper()}\n{path}\n".encode("utf-8", "surrogatepass") + body
     return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
 
 
