@@ -94,6 +94,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
     handler = hold_fastpath(api, app.asgi_handler) if settings.fast_path else app.asgi_handler
     # Inside the request context (request id, metrics, access log): refuses
     # NUL bytes, sets the security headers, bounds the time a body may take.
-    handler = harden(settings.body_timeout_s)(handler)
+    handler = harden(api.body_deadlines)(handler)
     app.asgi_handler = request_context(api.metrics, settings.access_log)(handler)
     return app

@@ -17,6 +17,7 @@ import structlog
 
 from api import catalog
 from api.auth import Code2SessionVerifier, CodeVerifier, DevCodeVerifier, TokenSigner
+from api.hardening import BodyDeadlines
 from api.hotpath import Admission, MicroCache, ReleaseTimes, ServerClock, SoldOut
 from api.metrics import Metrics
 from api.settings import DEV_WARNING, Settings, SettingsError
@@ -67,6 +68,7 @@ class Api:
         self.availability_cache: MicroCache[str, bytes] = MicroCache(s.availability_ttl_ms)
         self.catalog_cache: MicroCache[Any, bytes] = MicroCache(s.catalog_ttl_ms)
         self.admission = Admission(s.max_inflight, s.max_loop_lag_ms)
+        self.body_deadlines = BodyDeadlines(s.body_timeout_s)
         self.engine: Engine = Engine.connect(s.redis_url, s.engine_config())
         self._pool: asyncpg.Pool | None = None
         self._ops: MicroCache[str, OpsStatus] = MicroCache(int(s.ops_cache_s * 1000))
@@ -94,6 +96,7 @@ class Api:
             s.pg_dsn, min_size=0, max_size=s.pg_pool_max, command_timeout=10
         )
         self._tasks.append(asyncio.create_task(self._recalibrate()))
+        self._tasks.append(asyncio.create_task(self.body_deadlines.watch(self._stop)))
         if s.max_loop_lag_ms > 0:
             self._tasks.append(asyncio.create_task(self.admission.watch_loop(self._stop)))
 
