@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from litestar import Litestar
-from litestar.datastructures import State
+from litestar.datastructures import ResponseHeader, State
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, ScalarRenderPlugin, SwaggerRenderPlugin
@@ -29,7 +29,7 @@ from api.errors import on_error, on_http, on_problem
 from api.fastpath import hold_fastpath
 from api.hardening import harden
 from api.logs import configure_logging, request_context
-from api.problems import ProblemError
+from api.problems import SECURITY_HEADERS, ProblemError
 from api.routes.admin import AdminController
 from api.routes.auth import AuthController
 from api.routes.bookings import BookingController
@@ -84,6 +84,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ),
         logging_config=None,
         request_class=StrictRequest,
+        response_headers=[ResponseHeader(name=k.decode(), value=v.decode())
+                          for k, v in SECURITY_HEADERS],
         request_max_body_size=settings.max_body_bytes,
         debug=False,
     )

@@ -1,14 +1,12 @@
 """The ASGI layer every request passes: bytes that must never reach a handler,
-response headers, and a deadline on request bodies.
+and a deadline on request bodies.
 
 - A path with a NUL byte or an undecodable byte (a lone surrogate) is a 404,
   a query string with a NUL byte a 422: PostgreSQL refuses NUL in text, and
   none of our identifiers contains one.
-- Every answer carries ``X-Content-Type-Options: nosniff`` and
-  ``Cache-Control: no-store`` (tokens, patient data, holds and bookings must
-  not be kept by a browser or a proxy; nothing here is worth caching
-  downstream: availability changes by the millisecond), and an empty
-  ``Server`` header (no banner: granian adds its own unless the app sends one).
+- (The security headers of every answer are set where answers are made:
+  ``api.problems.SECURITY_HEADERS``; a wrapper around ``send`` cost more
+  than a sold-out answer's budget allows.)
 - A request body must arrive within ``Settings.body_timeout_s`` of the first
   time it is awaited (checked every quarter second by ``BodyDeadlines``): a
   client that sends it a byte a second gets a 408 problem and
@@ -28,16 +26,11 @@ from typing import TYPE_CHECKING, Any, cast
 from api.problems import problem
 
 if TYPE_CHECKING:
-    from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
+    from litestar.types import ASGIApp, Receive, ReceiveMessage, Scope, Send
 
 __all__ = ["BodyDeadlines", "BodyTimeout", "harden", "send_problem"]
 
 _BAD_PATH = re.compile("[\x00\ud800-\udfff]")
-#: An empty Server header: granian adds ``server: granian`` unless the app sends one.
-_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"),
-            (b"server", b""))
-_NAMES = frozenset(k for k, _ in _HEADERS)
-_ADDED = list(_HEADERS)
 _now = time.monotonic  # the clock of the event loop (BaseEventLoop.time)
 
 
@@ -81,10 +74,6 @@ async def send_problem(scope: Scope, send: Send, kind: str, detail: str,
     await resp.to_asgi_response(None, None)(scope, no_body, send)  # type: ignore[arg-type]
 
 
-def _bad_path(path: str) -> bool:
-    return "\x00" in path if path.isascii() else _BAD_PATH.search(path) is not None
-
-
 def harden(deadlines: BodyDeadlines) -> Callable[[ASGIApp], ASGIApp]:
     reading, expired = deadlines.reading, deadlines.expired
     current_task = asyncio.current_task
@@ -96,19 +85,13 @@ def harden(deadlines: BodyDeadlines) -> Callable[[ASGIApp], ASGIApp]:
                 await app(scope, receive, send)
                 return
 
-            async def send_hardened(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    # Our responses name their headers in lower case (Litestar, RawResponse).
-                    message["headers"] = [h for h in message.get("headers", ())
-                                          if h[0] not in _NAMES] + _ADDED
-                await send(message)
-
-            if _bad_path(s["path"]):
-                await send_problem(scope, send_hardened, "not-found", "no such resource")
+            path: str = s["path"]
+            if "\x00" in path if path.isascii() else _BAD_PATH.search(path) is not None:
+                await send_problem(scope, send, "not-found", "no such resource")
                 return
             query: bytes = s.get("query_string", b"")
             if b"%00" in query or b"\x00" in query:
-                await send_problem(scope, send_hardened, "invalid-input",
+                await send_problem(scope, send, "invalid-input",
                                    "a query parameter holds a NUL byte")
                 return
             deadline = 0.0
@@ -139,7 +122,7 @@ def harden(deadlines: BodyDeadlines) -> Callable[[ASGIApp], ASGIApp]:
                 complete = message["type"] != "http.request" or not message.get("more_body")
                 return message
 
-            await app(scope, receive_in_time, send_hardened)
+            await app(scope, receive_in_time, send)
 
         return handle
 

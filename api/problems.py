@@ -26,6 +26,7 @@ __all__ = [
     "KINDS",
     "PROBLEM_MEDIA",
     "REASONS",
+    "SECURITY_HEADERS",
     "FieldError",
     "Kind",
     "Problem",
@@ -38,6 +39,12 @@ __all__ = [
 
 PROBLEM_MEDIA = "application/problem+json"
 TYPE_BASE = "/problems/"
+#: On every answer (here for RawResponse; api.app sets them on Litestar's own):
+#: nothing is kept by a browser or proxy (tokens, patient data, holds), no MIME
+#: sniffing, and an empty Server header (granian adds its banner unless the app
+#: sends one).
+SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"),
+                    (b"server", b""))
 
 
 class Kind(NamedTuple):
@@ -154,7 +161,7 @@ class RawResponse(Response[Any]):
         self.content = body
         self.media_type = media_type
         raw = [(b"content-type", media_type.encode()),
-               (b"content-length", str(len(body)).encode())]
+               (b"content-length", str(len(body)).encode()), *SECURITY_HEADERS]
         if headers:
             raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         self._raw = _RawASGI(status_code, raw, body)

@@ -57,6 +57,8 @@ def is_json_media(content_type: str | bytes | None) -> bool:
     """``application/json``, with or without parameters (``; charset=utf-8``)."""
     if content_type is None:
         return False
+    if content_type == b"application/json" or content_type == "application/json":
+        return True
     if isinstance(content_type, bytes):
         content_type = content_type.decode("latin-1")
     return content_type.split(";", 1)[0].strip().lower() == "application/json"
