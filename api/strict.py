@@ -33,7 +33,8 @@ __all__ = ["MAX_DEPTH", "StrictRequest", "is_json_media", "json_depth_ok"]
 MAX_DEPTH = 32
 _TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
 _OPEN = frozenset(b"[{")
-_decoders: dict[int, msgspec.json.Decoder[Any]] = {}
+#: One strict decoder per data type (keyed by the type: handlers come and go).
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
 
 
 def json_depth_ok(body: bytes, limit: int = MAX_DEPTH) -> bool:
@@ -90,10 +91,9 @@ def strict_json(request: Request[Any, Any, Any], body: bytes) -> Any:
         raise _invalid(request, f"JSON nested deeper than {MAX_DEPTH} levels")
     field = request.route_handler.parsed_data_field
     if field is not None:
-        key = id(request.route_handler)
-        decoder = _decoders.get(key)
+        decoder = _decoders.get(field.raw)
         if decoder is None:
-            decoder = _decoders[key] = msgspec.json.Decoder(field.raw, strict=True)
+            decoder = _decoders[field.raw] = msgspec.json.Decoder(field.raw, strict=True)
         try:
             decoder.decode(body)
         except msgspec.ValidationError as exc:
