@@ -3,8 +3,8 @@
 Routes list the problem statuses they answer (``errors(401, 404, 409)``); the
 finishing pass then replaces Litestar's generic 400 with our 422 problem
 (validation errors are answered 422 here), and adds the statuses every
-operation can answer: 422 where there is input, 413 where there is a body,
-503 when a backing service is down.
+operation can answer: 422 where there is input; 408, 413 and 415 where there
+is a body (too slow, too large, not JSON); 503 when a backing service is down.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ _TEXT = {
     403: "Forbidden",
     404: "Not found (or not yours)",
     409: "Refused in the current state (sold out, not open, duplicate, expired, ...)",
+    408: "The request body did not arrive in time",
     413: "Request body too large",
+    415: "The body is not application/json",
     422: "Invalid input",
     429: "Rate limited or shed; see Retry-After",
     502: "An upstream service answered badly",
@@ -103,7 +105,7 @@ def finish_openapi(openapi: OpenAPI) -> OpenAPI:
         if had_input:
             wanted.add("422")
         if op.request_body is not None:
-            wanted.add("413")
+            wanted |= {"408", "413", "415"}
         for code in sorted(wanted):
             if code not in responses:
                 responses[code] = _problem_response(int(code), ref)
