@@ -23,7 +23,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from api.app import create_app
-from api.auth import TokenSigner
+from api.auth import TokenSigner, sign_payment
 from api.settings import Settings, SettingsError
 from engine.pii import Crypto
 from engine.servers import free_port
@@ -206,8 +206,10 @@ async def test_development_instance_says_so(redis_url: str, db: str,
 
 async def test_production_instance_refuses_development_credentials(redis_url: str,
                                                                    db: str) -> None:
+    # The WeChat verifier points at a closed loopback port: no outside network.
     env = production_env(HAOYUAN_REDIS_URL=redis_url, HAOYUAN_PG_DSN=db,
-                         HAOYUAN_LOG_LEVEL="warning")
+                         HAOYUAN_LOG_LEVEL="warning",
+                         HAOYUAN_WECHAT_URL=f"http://127.0.0.1:{free_port()}/sns/jscode2session")
     s = Settings.from_env(env)
     app = create_app(s)
     async with AsyncTestClient(app) as c:
@@ -223,8 +225,10 @@ async def test_production_instance_refuses_development_credentials(redis_url: st
         assert r.status_code == 401
         body = msgspec.json.encode({"payment_ref": "never-paid", "amount": 5000})
         ts = str(int(time.time()))
+        path = "/v1/holds/1.S1.1/confirm"
         for sig in (hmac.new(b"dev-payment-secret", ts.encode() + b"." + body,
-                             hashlib.sha256).hexdigest(),):
+                             hashlib.sha256).hexdigest(),
+                    sign_payment("dev-payment-secret", ts, body, path=path)):
             r = await c.post("/v1/holds/1.S1.1/confirm", content=body, headers={
                 "X-Payment-Timestamp": ts, "X-Payment-Signature": sig,
                 "Content-Type": "application/json"})
