@@ -95,7 +95,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     # makes Litestar add a second exception-handling layer per route.
     handler = hold_fastpath(api, app.asgi_handler) if settings.fast_path else app.asgi_handler
     # Inside the request context (request id, metrics, access log): refuses
-    # NUL bytes, sets the security headers, bounds the time a body may take.
+    # NUL and undecodable bytes, bounds the time a request body may take.
     handler = harden(api.body_deadlines)(handler)
     app.asgi_handler = request_context(api.metrics, settings.access_log)(handler)
     return app

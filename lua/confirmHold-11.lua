@@ -6,9 +6,10 @@
   still free, else another free unit of the slot (of the hold's pool; of any
   pool once the pools have returned to the public), else answers "expired,
   refund due" with a refund event. Never a unit twice. Idempotent by hold id
-  and payment reference: a hold that ended with one payment (booked, or
-  refund due) answers another reference "invalid state: paid" (that second
-  payment is to be refunded; the API records it), never the first answer.
+  and payment reference: a hold paid with one reference (booked, refund due,
+  or booked then cancelled) answers another reference "invalid state: paid"
+  (that second payment is to be refunded; the API records it), never the
+  first answer.
 
   Input:
     KEYS[1..11] the session key bundle (includes/common.lua)
@@ -39,7 +40,8 @@ local function booked_reply(r, replay)
                 late = r.late or 0, pay = r.pay, rp = replay and 1 or 0, pat = r.pat,
                 rq = r.rq or ''})
 end
-if (rec.st == 'b' or rec.st == 'r') and rec.pay and rec.pay ~= '' and rec.pay ~= pay then
+if (rec.st == 'b' or rec.st == 'r' or rec.st == 'c') and rec.pay and rec.pay ~= ''
+    and rec.pay ~= pay then
   return reply({o = INVALID_STATE, now = now, st = 'paid'})
 end
 if rec.st == 'b' then return booked_reply(rec, true) end

@@ -642,7 +642,10 @@ async def test_bookings_list_view_cancel(client: Client, app: Litestar, redis_ur
     assert r.status_code == 200 and r.json()["replay"] is True
     assert (await client.get(f"/v1/bookings/{hid}", headers=headers)).json()["status"] == (
         "cancelled")
-    is_problem(await pay(client, hid, 5000, "again"), 409, "invalid-state")
+    # Another payment for the cancelled booking is refused for refund; the
+    # first payment's callback, replayed, finds the booking cancelled.
+    assert is_problem(await pay(client, hid, 5000, "again"), 409, "already-paid")["refund_due"]
+    is_problem(await pay(client, hid, 5000), 409, "invalid-state")
     is_problem(await client.post("/v1/bookings/x.y/cancel", headers=headers), 404, "not-found")
 
 

@@ -207,15 +207,12 @@ class HoldController(Controller):
             api.admission.leave()
         if isinstance(out, Refused):
             api.metrics.decision("confirm", out.reason.value)
-            if out.reason is Reason.INVALID_STATE and out.state in ("paid", "cancelled"):
-                # Money came in that books nothing: keep it for the refund.
-                reason = "already-paid" if out.state == "paid" else "booking-cancelled"
+            if out.reason is Reason.INVALID_STATE and out.state == "paid":
+                # A second payment for a paid hold books nothing: keep it for the refund.
                 await payments.record_refund(api.pool, data.payment_ref, hold_id, data.amount,
-                                             reason)
-                if out.state == "paid":
-                    return problem("already-paid", "refused and recorded for refund",
-                                   instance=path, server_ms=out.server_ms or None,
-                                   refund_due=True)
+                                             "already-paid")
+                return problem("already-paid", "refused and recorded for refund",
+                               instance=path, server_ms=out.server_ms or None, refund_due=True)
             return refused(out, path)
         api.metrics.decision("confirm", "booked")
         body = BookingOut(booking_id=out.booking_id, session_id=out.session_id,

@@ -22,9 +22,8 @@ SELECT DISTINCT ON (payment_ref) payment_ref, id, fee_cents, booked_at
 ON CONFLICT (payment_ref) DO NOTHING;
 
 -- Payments that booked nothing and must go back to the payer: a reference
--- reused for another hold, a second payment for a hold already paid, a
--- payment for a cancelled booking. One row per (reference, hold): a retried
--- callback records nothing twice.
+-- reused for another hold, a second payment for a hold already paid. One
+-- row per (reference, hold): a retried callback records nothing twice.
 CREATE TABLE payment_refunds (
     payment_ref text NOT NULL,
     hold_id     text NOT NULL,
