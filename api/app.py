@@ -18,17 +18,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from litestar import Litestar
-from litestar.datastructures import State
+from litestar.datastructures import ResponseHeader, State
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.plugins import JsonRenderPlugin, ScalarRenderPlugin, SwaggerRenderPlugin
 
 from api.context import Api
 from api.docs import components, finish_openapi
 from api.errors import on_error, on_http, on_problem
 from api.fastpath import hold_fastpath
+from api.hardening import harden
 from api.logs import configure_logging, request_context
-from api.problems import ProblemError
+from api.problems import SECURITY_HEADERS, ProblemError
 from api.routes.admin import AdminController
 from api.routes.auth import AuthController
 from api.routes.bookings import BookingController
@@ -40,6 +41,7 @@ from api.routes.rules import RulesController
 from api.routes.staff import StaffController
 from api.routes.waitlist import WaitlistController
 from api.settings import Settings
+from api.strict import StrictRequest
 
 __all__ = ["create_app"]
 
@@ -77,10 +79,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
             description="号源: hospital appointment booking at slot-release time",
             path="/schema",
             components=components(),
-            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin()],
+            # The pages load their scripts from a CDN: development only (Settings).
+            render_plugins=([ScalarRenderPlugin(), SwaggerRenderPlugin()] if settings.docs_ui
+                            else [JsonRenderPlugin()]),
             use_handler_docstrings=True,
         ),
         logging_config=None,
+        request_class=StrictRequest,
+        response_headers=[ResponseHeader(name=k.decode(), value=v.decode())
+                          for k, v in SECURITY_HEADERS],
         request_max_body_size=settings.max_body_bytes,
         debug=False,
     )
@@ -89,5 +96,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     # every request (404s and 405s too), instead of a route middleware that
     # makes Litestar add a second exception-handling layer per route.
     handler = hold_fastpath(api, app.asgi_handler) if settings.fast_path else app.asgi_handler
+    # Inside the request context (request id, metrics, access log): refuses
+    # NUL and undecodable bytes, bounds the time a request body may take.
+    handler = harden(api.body_deadlines)(handler)
     app.asgi_handler = request_context(api.metrics, settings.access_log)(handler)
     return app

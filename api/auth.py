@@ -15,7 +15,9 @@
   request checks Redis for its revocation (``Engine.access``).
 - The payment callback is signed by the payment side: ``X-Payment-Timestamp``
   (unix seconds) and ``X-Payment-Signature`` = hex HMAC-SHA256(secret,
-  ``f"{timestamp}.{raw body}"``); stale or wrong signatures are refused.
+  ``"v2\n{timestamp}\n{METHOD}\n{path}\n" + raw body``), the path being
+  ``/v1/holds/{hold id}/confirm``: a signature is good for one hold only.
+  Stale, malformed or wrong signatures are refused.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ __all__ = [
 
 _OPENID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
 _ACCOUNT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
+_DIGITS = re.compile(r"[0-9]{1,12}", re.ASCII)
+_HEX = re.compile(r"[0-9a-fA-F]{64}", re.ASCII)
 
 
 class InvalidLoginCode(Exception):
@@ -166,12 +170,14 @@ class TokenSigner:
         hit = self._seen.get(token)
         if hit is not None:
             return hit[0] if hit[1] > t else None
-        if len(token) > 200:
+        if len(token) > 200 or not token.isascii():
             return None
         parts = token.split(".")
-        if len(parts) != 3 or not parts[1].isdigit() or not _ACCOUNT_RE.fullmatch(parts[0]):
+        if (len(parts) != 3 or not _DIGITS.fullmatch(parts[1])
+                or not _ACCOUNT_RE.fullmatch(parts[0])):
             return None
-        if not hmac.compare_digest(self._sig(f"{parts[0]}.{parts[1]}"), parts[2]):
+        if not hmac.compare_digest(self._sig(f"{parts[0]}.{parts[1]}").encode(),
+                                   parts[2].encode()):
             return None
         exp = int(parts[1])
         if exp <= t:
@@ -194,12 +200,13 @@ def check_admin(headers: Any, admin_token: str) -> bool:
     token = bearer(headers)
     if token is None:
         return False
-    return hmac.compare_digest(token.encode(), admin_token.encode())
+    return hmac.compare_digest(token.encode("utf-8", "surrogateescape"), admin_token.encode())
 
 
-def sign_payment(secret: str, timestamp: int | str, body: bytes) -> str:
-    """The signature the payment side puts in X-Payment-Signature."""
-    msg = str(timestamp).encode() + b"." + body
+def sign_payment(secret: str, timestamp: int | str, body: bytes, *, method: str = "POST",
+                 path: str) -> str:
+    """The signature the payment side puts in X-Payment-Signature (scheme v2)."""
+    msg = f"v2\n{timestamp}\n{method.upper()}\n{path}\n".encode("utf-8", "surrogatepass") + body
     return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
 
 
@@ -209,16 +216,22 @@ def verify_payment(
     signature: str | None,
     body: bytes,
     *,
+    method: str,
+    path: str,
     max_skew_s: int = 300,
     now: float | None = None,
 ) -> bool:
-    if not timestamp or not signature or not timestamp.isdigit() or len(timestamp) > 12:
+    """A fresh, well-formed signature of this method, path, timestamp and body."""
+    if timestamp is None or signature is None or not _DIGITS.fullmatch(timestamp):
+        return False
+    signature = signature.strip()
+    if not _HEX.fullmatch(signature):
         return False
     t = now if now is not None else time.time()
     if abs(t - int(timestamp)) > max_skew_s:
         return False
-    expected = sign_payment(secret, timestamp, body)
-    return hmac.compare_digest(expected.encode(), signature.strip().lower().encode())
+    expected = sign_payment(secret, timestamp, body, method=method, path=path)
+    return hmac.compare_digest(expected.encode(), signature.lower().encode())
 
 
 class Bearer(NamedTuple):

@@ -238,6 +238,7 @@ async def run_http_bench(quick: bool = False, *, workers: int = 2,
         base = f"http://127.0.0.1:{port}"
         env = dict(os.environ)
         env.update({
+            "HAOYUAN_ENV": "development",  # bench endpoints, development keys and logins
             "HAOYUAN_REDIS_URL": redis.url, "HAOYUAN_PG_DSN": pg.dsn,
             "HAOYUAN_BENCH_ENDPOINTS": "1", "HAOYUAN_ACCESS_LOG": "0",
             "HAOYUAN_ADMIN_TOKEN": _ADMIN, "HAOYUAN_LOG_LEVEL": "warning",

@@ -24,9 +24,10 @@ from api.auth import (
     TokenSigner,
     client_address,
 )
+from api.hardening import BodyDeadlines
 from api.hotpath import Admission, MicroCache, ReleaseTimes, ServerClock, SoldOut
 from api.metrics import Metrics
-from api.settings import Settings
+from api.settings import DEV_WARNING, Settings, SettingsError
 from engine.engine import Engine
 from engine.forwarder import his_lag
 from engine.identity import RealNameVerifier
@@ -55,6 +56,8 @@ class OpsStatus(msgspec.Struct, kw_only=True):
     his_pending: int = 0
     his_oldest_pending_age_s: float = 0.0
     checked_at_ms: int = 0
+    mode: str = "production"
+    warning: str | None = None
 
 
 class Access(NamedTuple):
@@ -74,12 +77,14 @@ class Api:
         s = self.settings = settings
         self.crypto = s.resolved_crypto()
         self.tokens = TokenSigner(s.token_secret, s.token_ttl_s)
-        self.verifier: CodeVerifier = (
-            Code2SessionVerifier(s.wechat_url, s.wechat_appid, s.wechat_secret,
-                                 timeout_s=s.wechat_timeout_s)
-            if s.wechat_mode == "code2session"
-            else DevCodeVerifier()
-        )
+        self.verifier: CodeVerifier
+        if s.wechat_mode == "code2session":
+            self.verifier = Code2SessionVerifier(s.wechat_url, s.wechat_appid, s.wechat_secret,
+                                                 timeout_s=s.wechat_timeout_s)
+        elif s.development:  # dev-<openid> codes: only ever in development mode
+            self.verifier = DevCodeVerifier()
+        else:  # pragma: no cover - Settings refuses it
+            raise SettingsError("the development login verifier exists only in development")
         self.metrics = Metrics()
         self.clock = ServerClock()
         self.release_times = ReleaseTimes(s.release_cache_ttl_ms)
@@ -92,6 +97,7 @@ class Api:
             if s.realname_mode == "http"
             else SimulatedRealName()
         )
+        self.body_deadlines = BodyDeadlines(s.body_timeout_s)
         self.engine: Engine = Engine.connect(s.redis_url, s.engine_config())
         self._pool: asyncpg.Pool | None = None
         self._ops: MicroCache[str, OpsStatus] = MicroCache(int(s.ops_cache_s * 1000))
@@ -105,6 +111,10 @@ class Api:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         s = self.settings
+        if s.development:  # every worker, every start: never silently
+            log.warning("development_mode", mode="development", detail=DEV_WARNING)
+        else:
+            log.info("starting", mode="production")
         try:
             await self.engine.runner.load_all()
             await self.clock.calibrate(self.engine.server_time_ms)
@@ -119,6 +129,7 @@ class Api:
             s.pg_dsn, min_size=0, max_size=s.pg_pool_max, command_timeout=10
         )
         self._tasks.append(asyncio.create_task(self._recalibrate()))
+        self._tasks.append(asyncio.create_task(self.body_deadlines.watch(self._stop)))
         if s.max_loop_lag_ms > 0:
             self._tasks.append(asyncio.create_task(self.admission.watch_loop(self._stop)))
 
@@ -245,7 +256,9 @@ class Api:
 
     async def _check_ops(self) -> OpsStatus:
         redis_ok = pg_ok = False
-        st = OpsStatus(redis=False, postgres=False, checked_at_ms=int(time.time() * 1000))
+        st = OpsStatus(redis=False, postgres=False, checked_at_ms=int(time.time() * 1000),
+                       mode=self.settings.env,
+                       warning=DEV_WARNING if self.settings.development else None)
         try:
             redis_ok = bool(await asyncio.wait_for(self.engine.client.ping(), 2))
         except Exception:

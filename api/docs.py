@@ -3,8 +3,8 @@
 Routes list the problem statuses they answer (``errors(401, 404, 409)``); the
 finishing pass then replaces Litestar's generic 400 with our 422 problem
 (validation errors are answered 422 here), and adds the statuses every
-operation can answer: 422 where there is input, 413 where there is a body,
-503 when a backing service is down.
+operation can answer: 422 where there is input; 408, 413 and 415 where there
+is a body (too slow, too large, not JSON); 503 when a backing service is down.
 """
 
 from __future__ import annotations
@@ -23,18 +23,21 @@ from litestar.openapi.spec import (
 
 from api.problems import PROBLEM_MEDIA, Problem
 
-__all__ = ["ACCOUNT", "ADMIN", "PAYMENT", "components", "errors", "finish_openapi"]
+__all__ = ["ACCOUNT", "ADMIN", "OPS", "PAYMENT", "components", "errors", "finish_openapi"]
 
 ACCOUNT: list[dict[str, list[str]]] = [{"account": []}]
 ADMIN: list[dict[str, list[str]]] = [{"admin": []}]
 PAYMENT: list[dict[str, list[str]]] = [{"payment_timestamp": [], "payment_signature": []}]
+OPS: list[dict[str, list[str]]] = [{"ops": []}]
 
 _TEXT = {
     401: "Not authenticated (missing, expired or forged token or signature)",
     403: "Forbidden",
     404: "Not found (or not yours)",
     409: "Refused in the current state (sold out, not open, duplicate, expired, ...)",
+    408: "The request body did not arrive in time",
     413: "Request body too large",
+    415: "The body is not application/json",
     422: "Invalid input",
     429: "Rate limited or shed; see Retry-After",
     502: "An upstream service answered badly",
@@ -60,12 +63,15 @@ def components() -> Components:
                 type="http", scheme="bearer",
                 description="A staff member's token (haoyuan staff add; roles operator, clerk,"
                             " finance), or HAOYUAN_ADMIN_TOKEN where the shared token is enabled"),
+            "ops": SecurityScheme(type="http", scheme="bearer",
+                                  description="HAOYUAN_OPS_TOKEN (/metrics, the detailed /readyz)"),
             "payment_timestamp": SecurityScheme(
                 type="apiKey", name="X-Payment-Timestamp", security_scheme_in="header",
                 description="Unix seconds; within 5 minutes of the server clock"),
             "payment_signature": SecurityScheme(
                 type="apiKey", name="X-Payment-Signature", security_scheme_in="header",
-                description='hex HMAC-SHA256(payment secret, f"{timestamp}.{raw body}")'),
+                description='hex HMAC-SHA256(payment secret, "v2\\n{timestamp}\\n{METHOD}'
+                            '\\n{path}\\n" + raw body): binds the hold id in the path'),
         }
     )
 
@@ -101,7 +107,7 @@ def finish_openapi(openapi: OpenAPI) -> OpenAPI:
         if had_input:
             wanted.add("422")
         if op.request_body is not None:
-            wanted.add("413")
+            wanted |= {"408", "413", "415"}
         for code in sorted(wanted):
             if code not in responses:
                 responses[code] = _problem_response(int(code), ref)

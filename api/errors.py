@@ -5,6 +5,8 @@
 - Routing and size errors keep their status (404, 405 with Allow, 413).
 - Redis or PostgreSQL unreachable, timing out or busy: 503 ``unavailable``
   with a jittered Retry-After.
+- A body that did not arrive in time: 408 (``api.hardening``); a value that
+  PostgreSQL refuses as data (out of range, NUL in text): 422.
 - Anything else is a bug: logged (redacted, with the traceback) and answered
   as a 500 problem without details.
 """
@@ -21,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from api.hardening import BodyTimeout
 from api.problems import FieldError, ProblemError, problem, retry_after
 from engine.scripts import ScriptError
 
@@ -35,6 +38,9 @@ _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, asyncpg.PostgresConnect
                 asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
                 asyncpg.TooManyConnectionsError, ConnectionError, TimeoutError, OSError)
 _BUSY = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+#: SQLSTATE class 22 (data exception: numeric or datetime out of range, NUL in
+#: text, ...) and text that cannot be encoded (lone surrogates).
+_BAD_INPUT = (asyncpg.DataError, UnicodeEncodeError)
 
 
 def _path(request: Request[Any, Any, Any]) -> str:
@@ -78,6 +84,14 @@ def error_response(exc: Exception, path: str) -> Response[Any]:
     """The problem for an exception raised while deciding (not an HTTP error)."""
     if isinstance(exc, ProblemError):
         return exc.response
+    if isinstance(exc, BodyTimeout):
+        return problem("request-timeout", "the request body did not arrive in time",
+                       instance=path, headers={"Connection": "close"})
+    if isinstance(exc, _BAD_INPUT):
+        # A value PostgreSQL cannot store (out of range, NUL in text) that
+        # validation let through: bad input, and its transaction rolled back.
+        log.warning("input_refused_by_store", error=type(exc).__name__, route=path)
+        return problem("invalid-input", "a value is out of range or malformed", instance=path)
     if isinstance(exc, ScriptError):
         return problem("invalid-input", str(exc)[:200], instance=path)
     if isinstance(exc, _UNAVAILABLE) or (isinstance(exc, RedisError)

@@ -6,9 +6,11 @@ models, response object, two exception layers) costs more than the decision
 itself. This ASGI wrapper reads the headers and the (small) body, checks the
 token, decodes ``HoldIn`` with msgspec and calls the same ``decide_hold`` as
 the Litestar route. Anything unusual — a missing or bad token, a body that
-does not decode, a bad Idempotency-Key, an odd content type, a large or
-streamed body — is handed to Litestar untouched (the body replayed), so every
-error answer, and the OpenAPI description, comes from the one Litestar route.
+does not decode or might repeat a key, a bad Idempotency-Key, a content type
+other than ``application/json``, a large or streamed body — is handed to
+Litestar untouched (the body replayed), so every error answer (and the strict
+input rules of ``api.strict``), and the OpenAPI description, come from the one
+Litestar route.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import msgspec
 
 from api.auth import Bearer, verified_bearer
 from api.errors import error_response
+from api.hardening import BodyTimeout
 from api.problems import RawResponse
 from api.routes.holds import decide_hold
 from api.schemas import IDEMPOTENCY_RE, HoldIn
+from api.strict import is_json_media
 
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, Receive, ReceiveMessage, Scope, Send
@@ -53,20 +57,27 @@ def hold_fastpath(api: Api, app: ASGIApp) -> ASGIApp:
                 ctype = v
         messages: list[ReceiveMessage] = []
         body = b""
-        while True:
-            msg = await receive()
-            messages.append(msg)
-            if msg["type"] != "http.request":
-                break
-            body += msg.get("body", b"")
-            if not msg.get("more_body", False) or len(body) > _MAX_BODY:
-                break
+        try:
+            while True:
+                msg = await receive()
+                messages.append(msg)
+                if msg["type"] != "http.request":
+                    break
+                body += msg.get("body", b"")
+                if not msg.get("more_body", False) or len(body) > _MAX_BODY:
+                    break
+        except BodyTimeout as exc:
+            await error_response(exc, _PATH).to_asgi_response(None, None)(  # type: ignore[arg-type]
+                asgi_scope, receive, send)
+            return
         who = _bearer(tokens, auth)
         data = None
         key: str | None = None
         ok = (who is not None and messages[-1]["type"] == "http.request"
-              and not messages[-1].get("more_body", False)
-              and (ctype is None or ctype.startswith(b"application/json")))
+              and not messages[-1].get("more_body", False) and is_json_media(ctype)
+              # Three string keys, three string values, no escapes: 12 quotes
+              # exactly, so no key can be repeated (else Litestar decides).
+              and body.count(b'"') == 12 and b"\\" not in body)
         if ok and idem is not None:
             key = idem.decode("latin-1")
             ok = IDEMPOTENCY_RE.fullmatch(key) is not None

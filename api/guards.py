@@ -118,13 +118,16 @@ def staff_of(request: AnyRequest) -> Actor:
 
 
 async def payment_signed(request: AnyRequest) -> Response[Any] | None:
-    """The payment side signs ``f"{timestamp}.{raw body}"``; a patient token is no use here."""
+    """The payment side signs the timestamp, method, path (the hold id) and raw
+    body (``api.auth.sign_payment``); a patient token is no use here."""
     api = api_of(request)
     ok = verify_payment(
         api.settings.payment_secret,
         header(request, b"x-payment-timestamp"),
         header(request, b"x-payment-signature"),
         await request.body(),
+        method=request.scope["method"],
+        path=request.scope["path"],
         max_skew_s=api.settings.payment_max_skew_s,
     )
     if not ok:

@@ -26,6 +26,7 @@ __all__ = [
     "KINDS",
     "PROBLEM_MEDIA",
     "REASONS",
+    "SECURITY_HEADERS",
     "FieldError",
     "Kind",
     "Problem",
@@ -38,6 +39,12 @@ __all__ = [
 
 PROBLEM_MEDIA = "application/problem+json"
 TYPE_BASE = "/problems/"
+#: On every answer (here for RawResponse; api.app sets them on Litestar's own):
+#: nothing is kept by a browser or proxy (tokens, patient data, holds), no MIME
+#: sniffing, and an empty Server header (granian adds its banner unless the app
+#: sends one).
+SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"),
+                    (b"server", b""))
 
 
 class Kind(NamedTuple):
@@ -95,6 +102,11 @@ KINDS: dict[str, Kind] = {
         _k(409, "patient-limit", "The account binds the maximum number of patients"),
         _k(409, "units-free", "Units are free: hold one instead of joining the waitlist"),
         _k(409, "schedule-conflict", "A session cannot move to another department, doctor or date"),
+        _k(409, "payment-reused",
+           "This payment reference already paid for another hold; this payment is refunded"),
+        _k(409, "already-paid",
+           "The hold was paid with another payment reference; this payment is refunded"),
+        _k(408, "request-timeout", "The request body did not arrive in time"),
         _k(413, "too-large", "Request body too large"),
         _k(415, "unsupported-media-type", "Unsupported media type"),
         _k(422, "invalid-input", "Invalid input"),
@@ -162,7 +174,7 @@ class RawResponse(Response[Any]):
         self.content = body
         self.media_type = media_type
         raw = [(b"content-type", media_type.encode()),
-               (b"content-length", str(len(body)).encode())]
+               (b"content-length", str(len(body)).encode()), *SECURITY_HEADERS]
         if headers:
             raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         self._raw = _RawASGI(status_code, raw, body)

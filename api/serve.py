@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 
 __all__ = ["main", "serve"]
@@ -36,6 +37,11 @@ def serve(
     from granian import Granian
     from granian.constants import Interfaces, Loops, RuntimeModes, TaskImpl
 
+    from api.settings import Settings
+
+    # Refuse to start here, once, naming every missing or weak secret: a worker
+    # whose factory fails would only be respawned by granian, over and over.
+    Settings.from_env()
     if access_log is not None:
         os.environ["HAOYUAN_ACCESS_LOG"] = "1" if access_log else "0"
     Granian(
@@ -67,9 +73,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runtime-mode", default=os.environ.get("HAOYUAN_RUNTIME_MODE", "auto"),
                    choices=["auto", "st", "mt"])
     args = p.parse_args(argv)
-    serve(host=args.host, port=args.port, workers=args.workers, backlog=args.backlog,
-          loop=args.loop, access_log=False if args.no_access_log else None,
-          task_impl=args.task_impl, runtime_mode=args.runtime_mode)
+    from api.settings import SettingsError
+
+    try:
+        serve(host=args.host, port=args.port, workers=args.workers, backlog=args.backlog,
+              loop=args.loop, access_log=False if args.no_access_log else None,
+              task_impl=args.task_impl, runtime_mode=args.runtime_mode)
+    except SettingsError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
     return 0
 
 

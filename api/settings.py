@@ -1,23 +1,28 @@
 """One typed settings object, read from ``HAOYUAN_*`` environment variables.
 
-Every field has a default that works on a developer machine (local Redis and
-PostgreSQL, development secrets, the development WeChat verifier). With
-``HAOYUAN_ENV=production`` the development secrets are refused: the token,
-admin and payment secrets and the data keys must be set.
+Secure by default: unless the operator asks for a development instance
+(``HAOYUAN_ENV=development``, or its alias ``dev``), every secret must be set
+and strong, and the API refuses to start otherwise, naming each missing or
+weak one in one error (never its value; see ``engine.secret_strength``).
+Only a development instance has development secrets, development data keys
+and the development WeChat verifier (``dev-<openid>`` codes); it says so in
+its start-up log and in ``/readyz``.
 
+    HAOYUAN_ENV=production|development   production unless set
     HAOYUAN_REDIS_URL=redis://127.0.0.1:6379/0
     HAOYUAN_PG_DSN=postgresql://postgres@127.0.0.1:5432/haoyuan
     HAOYUAN_ADMIN_TOKEN=...            bearer token of /v1/admin/*
     HAOYUAN_PAYMENT_SECRET=...         HMAC key of the payment callback
     HAOYUAN_TOKEN_SECRET=...           HMAC key of account tokens
-    HAOYUAN_WECHAT_MODE=dev|code2session
+    HAOYUAN_OPS_TOKEN=...              bearer token of /metrics and the detailed /readyz
+    HAOYUAN_WECHAT_MODE=code2session|dev  (+ HAOYUAN_WECHAT_APPID, HAOYUAN_WECHAT_SECRET)
     HAOYUAN_MAX_INFLIGHT=512           engine calls in flight per worker
     HAOYUAN_DATA_KEYS / HAOYUAN_HMAC_KEY  patient data keys (see engine.pii)
     HAOYUAN_REALNAME_MODE=simulator|http  real-name checks of bound patients
     HAOYUAN_REALNAME_URL / HAOYUAN_REALNAME_KEY  the HTTP real-name gateway
     HAOYUAN_SHARED_ADMIN=auto|on|off   the admin token as bootstrap identity
 
-Every field ``x`` is read from ``HAOYUAN_X``.
+Every field ``x`` is read from ``HAOYUAN_X``; choices are case-insensitive.
 """
 
 from __future__ import annotations
@@ -32,24 +37,44 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from engine.engine import EngineConfig
-from engine.pii import Crypto
+from engine.pii import Crypto, CryptoConfigError
+from engine.secret_strength import DEV_SECRETS, secret_problem
 
 __all__ = ["Settings", "SettingsError", "dev_crypto"]
 
-_DEV_SECRETS = {
-    "admin_token": "dev-admin-token",
-    "payment_secret": "dev-payment-secret",
-    "token_secret": "dev-token-secret",
-}
+#: Secrets a production instance must be given (text; the data keys apart).
+_SECRETS = ("admin_token", "payment_secret", "token_secret", "ops_token")
+_ALIASES = {"env": {"dev": "development"}}
+_HOW = ("Generate a secret with: python -c 'import secrets; print(secrets.token_urlsafe(32))';"
+        " a key (HAOYUAN_DATA_KEYS=<id>:<key>, HAOYUAN_HMAC_KEY=<key>) with:"
+        " python -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())'."
+        " For a development instance (development secrets, dev-<openid> logins) set"
+        " HAOYUAN_ENV=development.")
+DEV_WARNING = ("development mode: development secrets, development data keys and dev-<openid>"
+               " logins are enabled; never run it with real patients or payments")
 
 
 class SettingsError(ValueError):
-    """A setting is missing or malformed (never carries a secret's value)."""
+    """Settings are missing, weak or malformed (never carries a secret's value).
+
+    ``problems`` lists (variable, reason) pairs: every one found, not only the first."""
+
+    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+    @classmethod
+    def of(cls, problems: list[tuple[str, str]]) -> SettingsError:
+        lines = "\n".join(f"  - {name}: {why}" for name, why in problems)
+        return cls(f"haoyuan refuses to start: {len(problems)} setting(s) missing, weak or"
+                   f" not allowed in production (HAOYUAN_ENV is production unless set to"
+                   f" development):\n{lines}\n{_HOW}", problems)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
-    env: Literal["dev", "production"] = "dev"
+    #: ``production`` unless the operator asks for ``development`` (alias ``dev``).
+    env: Literal["development", "production"] = "production"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_cluster: bool = False
     redis_timeout_s: float = 5.0
@@ -59,17 +84,20 @@ class Settings:
     #: Apply pending migrations at startup (under an advisory lock).
     migrate: bool = True
 
-    # -- credentials
-    admin_token: str = _DEV_SECRETS["admin_token"]
-    payment_secret: str = _DEV_SECRETS["payment_secret"]
+    # -- credentials (empty: the development value in development, refused in production)
+    admin_token: str = field(default="", repr=False)
+    payment_secret: str = field(default="", repr=False)
     #: A payment callback older (or newer) than this is refused as a replay.
     payment_max_skew_s: int = 300
-    token_secret: str = _DEV_SECRETS["token_secret"]
+    token_secret: str = field(default="", repr=False)
     token_ttl_s: int = 2 * 3600
-    wechat_mode: Literal["dev", "code2session"] = "dev"
+    #: Bearer token of /metrics and the detailed /readyz (development: open when empty).
+    ops_token: str = field(default="", repr=False)
+    #: ``dev`` (``dev-<openid>`` codes) only in development; the default there.
+    wechat_mode: Literal["dev", "code2session"] | None = None
     wechat_url: str = "https://api.weixin.qq.com/sns/jscode2session"
     wechat_appid: str = ""
-    wechat_secret: str = ""
+    wechat_secret: str = field(default="", repr=False)
     wechat_timeout_s: float = 5.0
     #: Patient data keys; None: HAOYUAN_DATA_KEYS, or fixed development keys in dev.
     crypto: Crypto | None = field(default=None, repr=False)
@@ -140,6 +168,11 @@ class Settings:
     #: Mount GET /bench/hello (the benchmark's ceiling).
     bench_endpoints: bool = False
     max_body_bytes: int = 4_000_000
+    #: A request body must arrive within this (s) of its first byte being awaited.
+    body_timeout_s: float = 10.0
+    #: Swagger and Scalar pages (they load their scripts from a CDN): on in
+    #: development unless set, refused in production. /schema/openapi.json always.
+    docs_ui: bool | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -147,48 +180,119 @@ class Settings:
         env = os.environ if environ is None else environ
         hints = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
+        problems: list[tuple[str, str]] = []
         for f in fields(cls):
             if f.name == "crypto":
                 continue
             raw = env.get(f"HAOYUAN_{f.name.upper()}")
             if raw is not None:
-                values[f.name] = _parse(f.name, hints[f.name], raw)
-        if "crypto" not in overrides and env.get("HAOYUAN_DATA_KEYS"):
-            values["crypto"] = Crypto.from_env(env)
+                try:
+                    values[f.name] = _parse(f.name, hints[f.name], raw)
+                except SettingsError as exc:
+                    var = f"HAOYUAN_{f.name.upper()}"
+                    problems.append((var, str(exc).removeprefix(var + " ")))
+        if "crypto" not in overrides and (env.get("HAOYUAN_DATA_KEYS")
+                                          or env.get("HAOYUAN_HMAC_KEY")):
+            try:
+                values["crypto"] = Crypto.from_env(env)
+            except CryptoConfigError as exc:
+                problems.append((_crypto_variable(str(exc)), str(exc)))
         values.update(overrides)
-        return cls(**values)
+        if not problems:
+            return cls(**values)
+        # Name every problem at once: the others too, found with a stand-in.
+        values.pop("crypto", None)
+        try:
+            cls(**values)
+        except SettingsError as exc:
+            named = {n for n, _ in problems}
+            problems += [(n, w) for n, w in exc.problems if n not in named]
+        raise SettingsError.of(problems)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def development(self) -> bool:
+        return self.env == "development"
+
     def __post_init__(self) -> None:
         if self.max_inflight < 1 or self.max_patients < 1 or self.token_ttl_s < 1:
             raise SettingsError("max_inflight, max_patients and token_ttl_s must be positive")
-        if self.env == "production":
-            for name, dev in _DEV_SECRETS.items():
-                if getattr(self, name) == dev or len(getattr(self, name)) < 16:
-                    raise SettingsError(f"HAOYUAN_{name.upper()} must be set (16+ characters)")
-            if self.crypto is None:
-                raise SettingsError("HAOYUAN_DATA_KEYS and HAOYUAN_HMAC_KEY must be set")
-            if self.wechat_mode != "code2session":
-                raise SettingsError("HAOYUAN_WECHAT_MODE must be code2session in production")
-            if self.bench_endpoints:
-                raise SettingsError("bench endpoints are for benchmarks only")
-            if self.realname_mode != "http":
-                raise SettingsError("HAOYUAN_REALNAME_MODE must be http in production")
-        if self.realname_mode == "http" and not (self.realname_url and self.realname_key):
-            raise SettingsError("HAOYUAN_REALNAME_URL and HAOYUAN_REALNAME_KEY must be set")
+        if self.body_timeout_s <= 0:
+            raise SettingsError("body_timeout_s must be positive")
+        if self.development:
+            for name in _SECRETS:
+                if not getattr(self, name) and name != "ops_token":
+                    object.__setattr__(self, name, DEV_SECRETS[name])
+            if self.wechat_mode is None:
+                object.__setattr__(self, "wechat_mode", "dev")
+            if self.docs_ui is None:
+                object.__setattr__(self, "docs_ui", True)
+        problems = [] if self.development else self._production_problems()
+        if self.realname_mode == "http":
+            if not self.realname_url:
+                problems.append(("HAOYUAN_REALNAME_URL", "not set"))
+            if not self.realname_key:
+                problems.append(("HAOYUAN_REALNAME_KEY", "not set"))
         if self.max_accounts_per_patient < 1:
-            raise SettingsError("HAOYUAN_MAX_ACCOUNTS_PER_PATIENT must be positive")
-        if self.wechat_mode == "code2session" and not (self.wechat_appid and self.wechat_secret):
-            raise SettingsError("HAOYUAN_WECHAT_APPID and HAOYUAN_WECHAT_SECRET must be set")
+            problems.append(("HAOYUAN_MAX_ACCOUNTS_PER_PATIENT", "must be positive"))
+        if self.wechat_mode == "code2session":
+            if not self.wechat_appid:
+                problems.append(("HAOYUAN_WECHAT_APPID", "not set"))
+            if not self.wechat_secret:
+                problems.append(("HAOYUAN_WECHAT_SECRET", "not set"))
+        if problems:
+            raise SettingsError.of(problems)
+        if self.docs_ui is None:
+            object.__setattr__(self, "docs_ui", False)
+
+    def _production_problems(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        for name in _SECRETS:
+            why = secret_problem(getattr(self, name))
+            if why is not None:
+                problems.append((f"HAOYUAN_{name.upper()}", why))
+        if self.crypto is None:
+            problems += [("HAOYUAN_DATA_KEYS", "not set"), ("HAOYUAN_HMAC_KEY", "not set")]
+        elif self.crypto.dev:
+            problems.append(("HAOYUAN_DATA_KEYS", "development keys (Crypto.generate_dev)"))
+        else:
+            for what, why in self.crypto.weak_keys():
+                var = "HAOYUAN_HMAC_KEY" if what == "HMAC key" else "HAOYUAN_DATA_KEYS"
+                problems.append((var, f"{what}: {why}"))
+        if self.wechat_mode != "code2session":
+            problems.append(("HAOYUAN_WECHAT_MODE", "must be code2session (dev-<openid> logins"
+                             " exist only in development)"))
+        elif self.wechat_secret:
+            why = secret_problem(self.wechat_secret)
+            if why is not None:
+                problems.append(("HAOYUAN_WECHAT_SECRET", why))
+        if self.bench_endpoints:
+            problems.append(("HAOYUAN_BENCH_ENDPOINTS", "bench endpoints are for benchmarks only"))
+        if self.realname_mode != "http":
+            problems.append(("HAOYUAN_REALNAME_MODE", "must be http (the real-name simulator"
+                             " verifies anyone; it exists only in development)"))
+        elif self.realname_key:
+            why = secret_problem(self.realname_key)
+            if why is not None:
+                problems.append(("HAOYUAN_REALNAME_KEY", why))
+        if self.docs_ui:
+            problems.append(("HAOYUAN_DOCS_UI", "the documentation pages load scripts from a"
+                             " CDN; off in production (the schema stays at"
+                             " /schema/openapi.json)"))
+        return problems
 
     @property
     def shared_admin_enabled(self) -> bool:
-        return self.shared_admin == "on" or (self.shared_admin == "auto" and self.env == "dev")
+        return self.shared_admin == "on" or (self.shared_admin == "auto" and self.development)
 
     def resolved_crypto(self) -> Crypto:
-        return self.crypto if self.crypto is not None else dev_crypto()
+        if self.crypto is not None:
+            return self.crypto
+        if not self.development:  # pragma: no cover - refused in __post_init__
+            raise SettingsError("patient data keys are required outside development")
+        return dev_crypto()
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -211,14 +315,29 @@ def dev_crypto() -> Crypto:
     return Crypto({"dev": data}, "dev", mac, dev=True)
 
 
+def _crypto_variable(message: str) -> str:
+    """The variable a CryptoConfigError is about (its message names no key material)."""
+    for var in ("HAOYUAN_DATA_KEYS", "HAOYUAN_HMAC_KEY", "HAOYUAN_ACTIVE_KEY"):
+        if message.startswith(var):
+            return var
+    if "HMAC" in message:
+        return "HAOYUAN_HMAC_KEY"
+    return "HAOYUAN_ACTIVE_KEY" if "active key" in message else "HAOYUAN_DATA_KEYS"
+
+
 def _parse(name: str, hint: Any, raw: str) -> Any:
     origin = typing.get_origin(hint)
-    if origin is Literal:
-        if raw not in typing.get_args(hint):
-            raise SettingsError(f"HAOYUAN_{name.upper()} must be one of {typing.get_args(hint)}")
-        return raw
     if origin in (typing.Union, types.UnionType):
-        raise SettingsError(f"HAOYUAN_{name.upper()} cannot be set from the environment")
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) != 1 or typing.get_origin(args[0]) is typing.Union:
+            raise SettingsError(f"HAOYUAN_{name.upper()} cannot be set from the environment")
+        return _parse(name, args[0], raw)
+    if origin is Literal:
+        low = raw.strip().lower()
+        low = _ALIASES.get(name, {}).get(low, low)
+        if low not in typing.get_args(hint):
+            raise SettingsError(f"HAOYUAN_{name.upper()} must be one of {typing.get_args(hint)}")
+        return low
     try:
         if hint is bool:
             low = raw.strip().lower()

@@ -73,6 +73,7 @@ def api_env(redis_url: str, pg_dsn: str, **extra: str) -> dict[str, str]:
     admission control on), no access log, our admin token and token secret."""
     env = dict(os.environ)
     env.update({
+        "HAOYUAN_ENV": "development",  # development keys and dev-<openid> logins
         "HAOYUAN_REDIS_URL": redis_url, "HAOYUAN_PG_DSN": pg_dsn,
         "HAOYUAN_ACCESS_LOG": "0", "HAOYUAN_LOG_LEVEL": "warning",
         "HAOYUAN_ADMIN_TOKEN": ADMIN, "HAOYUAN_TOKEN_SECRET": TOKEN_SECRET,

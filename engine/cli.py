@@ -171,8 +171,17 @@ def _extend(sub: Any) -> None:
     cli_ops.register(sub, COMMANDS, _add_conn)
 
 
+def log_level(value: str | None) -> int:
+    """``HAOYUAN_LOG_LEVEL`` in any case (``info``, ``WARNING``); INFO when unset."""
+    level = logging.getLevelName((value or "INFO").strip().upper())
+    if not isinstance(level, int):
+        raise SystemExit(f"HAOYUAN_LOG_LEVEL must be one of debug, info, warning, error"
+                         f" (any case), not {value!r}")
+    return level
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("HAOYUAN_LOG_LEVEL", "INFO"),
+    logging.basicConfig(level=log_level(os.environ.get("HAOYUAN_LOG_LEVEL")),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s",
                         stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)

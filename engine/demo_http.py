@@ -46,6 +46,9 @@ async def api_server(redis_url: str, pg_dsn: str, out: Path, workers: int = 2
     port = free_port()
     env = dict(os.environ)
     env.update({
+        # A development instance, asked for explicitly: the crowd logs in with
+        # dev-<openid> codes and the patients are made up (development keys).
+        "HAOYUAN_ENV": "development",
         "HAOYUAN_REDIS_URL": redis_url, "HAOYUAN_PG_DSN": pg_dsn,
         "HAOYUAN_ADMIN_TOKEN": secrets.token_urlsafe(24),
         "HAOYUAN_PAYMENT_SECRET": secrets.token_urlsafe(24),

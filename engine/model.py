@@ -9,11 +9,20 @@ import msgspec
 
 SessionId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 SlotId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_:-]{1,32}$")]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^\s|]+$")]
+#: No whitespace, "|" (key separator), control characters (PostgreSQL refuses
+#: NUL in text) or lone surrogates (not encodable).
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64,
+                                   pattern=r"^[^\s|\x00-\x1f\x7f\ud800-\udfff]+$")]
 Date = Annotated[str, msgspec.Meta(pattern=r"^\d{4}-\d{2}-\d{2}$")]
 Clock = Annotated[str, msgspec.Meta(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")]
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
-Ms = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+#: A fee in cents: PostgreSQL keeps it in an integer column.
+Fee = Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]
+#: Epoch milliseconds (or a duration) up to 2100-01-01: PostgreSQL and Python
+#: timestamps end at year 9999 (294276), 2**53 ms is the year 287,396.
+MAX_MS = 4_102_444_800_000
+Ms = Annotated[int, msgspec.Meta(ge=0, le=MAX_MS)]
+Kind = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
 
 
 #: 号源池: pool indices in Redis scores (0 is the public pool).
@@ -39,7 +48,7 @@ class SessionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     doctor: Name
     date: Date
     period: Literal["AM", "PM"]
-    fee: NonNeg
+    fee: Fee
     release_at_ms: Ms
     slots: Annotated[list[SlotSpec], msgspec.Meta(min_length=1, max_length=96)]
     cutoff_ms: Ms = 0
@@ -59,7 +68,7 @@ class SessionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     night_to_min: Annotated[int, msgspec.Meta(ge=0, le=1440)] = 0
     tz_min: Annotated[int, msgspec.Meta(ge=-720, le=840)] = 480
     #: expert / general ...: picks the cancellation deadline in the hospital rules.
-    kind: Annotated[str, msgspec.Meta(max_length=32)] = "general"
+    kind: Kind = "general"
     #: At most this many active holds and bookings per patient across the
     #: hospital (the hospital's rule; 0 = the engine's default).
     max_active_per_patient: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0

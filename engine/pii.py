@@ -292,6 +292,20 @@ class Crypto:
     def __repr__(self) -> str:
         return f"Crypto(active={self._active!r}, keys={sorted(self._aead)!r}, dev={self.dev})"
 
+    def weak_keys(self) -> list[tuple[str, str]]:
+        """(which key, what is wrong) for every key unfit for production (never the key)."""
+        from engine.secret_strength import key_problem
+
+        out = []
+        for kid, key in self._raw.items():
+            why = key_problem(key)
+            if why is not None:
+                out.append((f"data key {kid}", why))
+        why = key_problem(self._hmac_key)
+        if why is not None:
+            out.append(("HMAC key", why))
+        return out
+
     @property
     def active_key_id(self) -> str:
         return self._active

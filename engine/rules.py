@@ -24,11 +24,15 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from engine.model import PoolName, SessionSpec, SlotSpec
+from engine.model import Kind, Name, PoolName, SessionSpec, SlotSpec
 
 Clock = Annotated[str, msgspec.Meta(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")]
 Share = Annotated[float, msgspec.Meta(ge=0, le=1)]
 DAY_MS = 86_400_000
+#: Upper bounds keep every value inside PostgreSQL's integer and interval
+#: types (``make_interval(days => n)`` takes an int4) and inside reason.
+Days = Annotated[int, msgspec.Meta(ge=1, le=3650)]
+SpanMs = Annotated[int, msgspec.Meta(ge=0, le=365 * DAY_MS)]
 
 
 class Rules(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -42,16 +46,16 @@ class Rules(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tru
     hold_ttl_ms: Annotated[int, msgspec.Meta(ge=1000, le=DAY_MS)] = 600_000
     scope: Literal["dept", "doctor"] = "dept"
     max_active_per_patient: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
-    cancel_before_ms: dict[str, Annotated[int, msgspec.Meta(ge=0)]] = msgspec.field(
-        default_factory=lambda: {"expert": 12 * 3_600_000, "general": 30 * 60_000})
+    cancel_before_ms: Annotated[dict[Kind, SpanMs], msgspec.Meta(max_length=32)] = (
+        msgspec.field(default_factory=lambda: {"expert": 12 * 3_600_000, "general": 30 * 60_000}))
     pools: dict[PoolName, Share] = {}
-    pool_return_before_ms: Annotated[int, msgspec.Meta(ge=0)] = DAY_MS
+    pool_return_before_ms: SpanMs = DAY_MS
     waitlist_max: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 0
     waitlist_ttl_ms: Annotated[int, msgspec.Meta(ge=0, le=DAY_MS)] = 30 * 60_000
     rerelease_window_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 0
-    no_show_limit: Annotated[int, msgspec.Meta(ge=0)] = 3
-    no_show_window_days: Annotated[int, msgspec.Meta(ge=1)] = 90
-    ban_days: Annotated[int, msgspec.Meta(ge=1)] = 90
+    no_show_limit: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 3
+    no_show_window_days: Days = 90
+    ban_days: Days = 90
     late_cancels_count: bool = True
 
 
@@ -59,7 +63,7 @@ class HospitalRules(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A hospital's rules and the departments' overrides (partial objects)."""
 
     default: Rules = msgspec.field(default_factory=Rules)
-    departments: dict[str, dict[str, Any]] = {}
+    departments: Annotated[dict[Name, dict[str, Any]], msgspec.Meta(max_length=1000)] = {}
 
     def for_dept(self, dept: str) -> Rules:
         override = self.departments.get(dept)
@@ -134,41 +138,58 @@ class AttendanceResult(msgspec.Struct, frozen=True):
 async def record_attendance(pool: Any, engine: Any, booking_id: str, attended: bool,
                             rules: Rules) -> AttendanceResult | None:
     """Mark a booking attended or no-show (from HIS or an admin); a no-show
-    may ban the patient. None if the booking is unknown or not booked."""
+    may ban the patient. None if the booking is unknown or not booked.
+
+    One transaction: the attendance, the count of strikes and the ban are
+    written together or not at all; the ban then lands in Redis (a retry
+    after a failure there finds the ban and lands it again)."""
     status = "attended" if attended else "no_show"
-    row = await pool.fetchrow(
-        "UPDATE bookings SET attendance = $2, attendance_at = now() WHERE id = $1"
-        " AND status = 'booked' RETURNING patient_ref", booking_id, status)
-    if row is None:
-        return None
-    strikes, until = await check_ban(pool, engine, row["patient_ref"], rules)
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "UPDATE bookings SET attendance = $2, attendance_at = now() WHERE id = $1"
+            " AND status = 'booked' RETURNING patient_ref", booking_id, status)
+        if row is None:
+            return None
+        patient = row["patient_ref"]
+        strikes, until = await _strikes_and_ban(conn, patient, rules)
+    if until is not None:
+        await engine.ban(patient, until)
     return AttendanceResult(booking_id, status, strikes, until)
 
 
 async def check_ban(pool: Any, engine: Any, patient_ref: str, rules: Rules
                     ) -> tuple[int, int | None]:
     """Count the patient's strikes in the window; ban when they reach the limit."""
+    async with pool.acquire() as conn, conn.transaction():
+        strikes, until = await _strikes_and_ban(conn, patient_ref, rules)
+    if until is not None:
+        await engine.ban(patient_ref, until)
+    return strikes, until
+
+
+async def _strikes_and_ban(conn: Any, patient_ref: str, rules: Rules
+                           ) -> tuple[int, int | None]:
+    """The strikes in the window, and the ban (epoch ms) they lead to, written
+    in the caller's transaction; None when there is no ban."""
     if rules.no_show_limit <= 0:
         return 0, None
-    strikes = await pool.fetchval(
+    strikes = await conn.fetchval(
         "SELECT count(*) FROM bookings WHERE patient_ref = $1 AND ("
         " (attendance = 'no_show' AND attendance_at > now() - make_interval(days => $2))"
         " OR ($3 AND late_cancel AND cancelled_at > now() - make_interval(days => $2)))",
         patient_ref, rules.no_show_window_days, rules.late_cancels_count)
     if strikes < rules.no_show_limit:
         return int(strikes), None
-    active = await pool.fetchval(
+    active = await conn.fetchval(
         "SELECT banned_until FROM patient_bans WHERE patient_ref = $1 AND lifted_at IS NULL"
         " AND banned_until > now() ORDER BY banned_until DESC LIMIT 1", patient_ref)
     if active is None:
-        active = await pool.fetchval(
+        active = await conn.fetchval(
             "INSERT INTO patient_bans (patient_ref, banned_until, reason) VALUES"
             " ($1, now() + make_interval(days => $2), $3) RETURNING banned_until",
             patient_ref, rules.ban_days,
             f"{strikes} no-shows or late cancels in {rules.no_show_window_days} days")
-    until_ms = int(active.timestamp() * 1000)
-    await engine.ban(patient_ref, until_ms)
-    return int(strikes), until_ms
+    return int(strikes), int(active.timestamp() * 1000)
 
 
 async def lift_ban(pool: Any, engine: Any, patient_ref: str, admin: str) -> int:

@@ -133,9 +133,11 @@ class ZipfPicker(Generic[T]):
 # --------------------------------------------------------------------------- payment
 
 
-def sign_payment(secret: str, timestamp: int | str, body: bytes) -> str:
-    """``X-Payment-Signature``: hex HMAC-SHA256(secret, f"{timestamp}.{raw body}")."""
-    msg = str(timestamp).encode() + b"." + body
+def sign_payment(secret: str, timestamp: int | str, body: bytes, *, method: str = "POST",
+                 path: str) -> str:
+    """``X-Payment-Signature``: hex HMAC-SHA256(secret,
+    ``"v2\\n{timestamp}\\n{METHOD}\\n{path}\\n" + raw body``); the path names the hold."""
+    msg = f"v2\n{timestamp}\n{method.upper()}\n{path}\n".encode("utf-8", "surrogatepass") + body
     return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
 
 

@@ -510,10 +510,11 @@ class HaoyuanUser(FastHttpUser):
         """The payment side's callback: signed, retried with the same payment ref."""
         raw = _dumps({"payment_ref": f"pay-{uuid.uuid4().hex}", "amount": fee})
         a = Answer(0, TRANSPORT, None, None)
+        path = f"/v1/holds/{hold_id}/confirm"
         for attempt in range(4):
             ts = int(time.time())
-            sig = sign_payment(self.cfg.payment_secret, ts, raw)
-            a = self.call("POST", CONFIRM_ROUTE, f"/v1/holds/{hold_id}/confirm", raw=raw,
+            sig = sign_payment(self.cfg.payment_secret, ts, raw, path=path)
+            a = self.call("POST", CONFIRM_ROUTE, path, raw=raw,
                           auth=False, expected=(409, 429), ok="booked",
                           headers={"X-Payment-Timestamp": str(ts), "X-Payment-Signature": sig})
             if a.status == 401:

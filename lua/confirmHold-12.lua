@@ -5,7 +5,11 @@
   A payment that arrives after the hold expired books the same unit if it is
   still free, else another free unit of the slot (of the hold's pool; of any
   pool once the pools have returned to the public), else answers "expired,
-  refund due" with a refund event. Never a unit twice. Idempotent by hold id.
+  refund due" with a refund event. Never a unit twice. Idempotent by hold id
+  and payment reference: a hold paid with one reference (booked, refund due,
+  or booked then cancelled) answers another reference "invalid state: paid"
+  (that second payment is to be refunded; the API records it), never the
+  first answer.
 
   Input:
     KEYS[1..12] the session key bundle (includes/bundle.lua)
@@ -15,7 +19,8 @@
     ARGV[4] random number in [0, 1) (anti-scalper delay, if a unit goes back)
   Output: JSON {o = OK, id, sid, slot, unit, now, late, pat, rq} |
           {o = EXPIRED, id, now, reason} (refund due) | {o = NOT_FOUND} |
-          {o = INVALID_STATE, st}; a replay carries rp = 1.
+          {o = INVALID_STATE, st} (st: cancelled, or paid with another
+          reference); a replay carries rp = 1.
           | {o = RECOVERING} while the partition is recovering
 ]]
 -- @include codes
@@ -40,6 +45,10 @@ local function booked_reply(r, replay)
   return reply(settled({o = OK, id = r.id, sid = r.sid, slot = r.slot, unit = r.unit, now = now,
                         late = r.late or 0, pay = r.pay, rp = replay and 1 or 0, pat = r.pat,
                         rq = r.rq or ''}))
+end
+if (rec.st == 'b' or rec.st == 'r' or rec.st == 'c') and rec.pay and rec.pay ~= ''
+    and rec.pay ~= pay then
+  return reply({o = INVALID_STATE, now = now, st = 'paid'})
 end
 if rec.st == 'b' then return booked_reply(rec, true) end
 if rec.st == 'r' then

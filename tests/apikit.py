@@ -47,7 +47,7 @@ NO_CLIENT_LIMITS: dict[str, Any] = dict(
 
 def settings(redis_url: str, pg_dsn: str, **kw: Any) -> Settings:
     opts: dict[str, Any] = dict(
-        redis_url=redis_url, pg_dsn=pg_dsn, crypto=Crypto.generate_dev(),
+        env="development", redis_url=redis_url, pg_dsn=pg_dsn, crypto=Crypto.generate_dev(),
         admin_token=ADMIN_TOKEN, payment_secret=PAYMENT_SECRET, log_level="warning",
         **NO_CLIENT_LIMITS,
     )
@@ -72,7 +72,7 @@ def api(app: Litestar) -> Api:
 def server_env(redis_url: str, pg_dsn: str, **kw: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
-        "HAOYUAN_REDIS_URL": redis_url, "HAOYUAN_PG_DSN": pg_dsn,
+        "HAOYUAN_ENV": "development", "HAOYUAN_REDIS_URL": redis_url, "HAOYUAN_PG_DSN": pg_dsn,
         "HAOYUAN_ADMIN_TOKEN": ADMIN_TOKEN, "HAOYUAN_PAYMENT_SECRET": PAYMENT_SECRET,
         "HAOYUAN_LOG_LEVEL": "warning", "HAOYUAN_ACCESS_LOG": "0",
         "HAOYUAN_ADMIN_FAILURES_INTERVAL_S": "0", "HAOYUAN_LOGIN_FAILURES_INTERVAL_S": "0",
@@ -138,18 +138,22 @@ async def import_sessions(client: httpx.AsyncClient, specs: Sequence[SessionSpec
     return r.json()
 
 
-def payment_headers(body: bytes, *, ts: int | None = None,
-                    secret: str = PAYMENT_SECRET) -> dict[str, str]:
+def payment_headers(body: bytes, *, path: str, ts: int | None = None,
+                    secret: str = PAYMENT_SECRET, method: str = "POST") -> dict[str, str]:
+    """The payment side's headers for ``body`` sent to ``path`` (the signature binds both)."""
     t = int(time.time()) if ts is None else ts
-    return {"X-Payment-Timestamp": str(t), "X-Payment-Signature": sign_payment(secret, t, body),
+    return {"X-Payment-Timestamp": str(t),
+            "X-Payment-Signature": sign_payment(secret, t, body, method=method, path=path),
             "Content-Type": "application/json"}
 
 
 async def pay(client: httpx.AsyncClient, hold_id: str, amount: int,
-              ref: str = "pay-1") -> httpx.Response:
-    body = msgspec.json.encode({"payment_ref": ref, "amount": amount})
-    return await client.post(f"/v1/holds/{hold_id}/confirm", content=body,
-                             headers=payment_headers(body))
+              ref: str | None = None) -> httpx.Response:
+    """The payment callback for ``hold_id``; the reference defaults to one of its own
+    (a payment reference books one hold, ever)."""
+    body = msgspec.json.encode({"payment_ref": ref or f"pay-{hold_id}", "amount": amount})
+    path = f"/v1/holds/{hold_id}/confirm"
+    return await client.post(path, content=body, headers=payment_headers(body, path=path))
 
 
 async def raw_request(base: str, method: str, path: str, headers: dict[str, str],

@@ -128,13 +128,14 @@ def test_every_reason_has_a_problem_type() -> None:
 
 
 def test_settings_from_env() -> None:
-    s = Settings.from_env({"HAOYUAN_MAX_INFLIGHT": "7", "HAOYUAN_ACCESS_LOG": "off",
+    dev = {"HAOYUAN_ENV": "development"}
+    s = Settings.from_env({**dev, "HAOYUAN_MAX_INFLIGHT": "7", "HAOYUAN_ACCESS_LOG": "off",
                            "HAOYUAN_WECHAT_MODE": "dev"})
     assert s.max_inflight == 7 and s.access_log is False
     with pytest.raises(SettingsError):
-        Settings.from_env({"HAOYUAN_MAX_INFLIGHT": "many"})
+        Settings.from_env({**dev, "HAOYUAN_MAX_INFLIGHT": "many"})
     with pytest.raises(SettingsError):
-        Settings.from_env({"HAOYUAN_WECHAT_MODE": "other"})
+        Settings.from_env({**dev, "HAOYUAN_WECHAT_MODE": "other"})
     with pytest.raises(SettingsError):  # production refuses development secrets
         Settings.from_env({"HAOYUAN_ENV": "production"})
 
@@ -261,7 +262,7 @@ async def test_binding_mirror_serves_holds_and_unbind_tombstones(
         assert (await hold(client, headers, sid, pid)).status_code == 201  # store, then filled
         assert await eng.binding(acct, pid) == ref
         # The mirror is what holds read: a tombstone makes the patient unknown
-        # at once, whatever the store and this worker's cache said.
+        # at once, whatever the store said (no worker caches a ref).
         await eng.mirror_binding(acct, pid, None)
         is_problem(await hold(client, headers, sid, pid, slot="0830"), 404, "not-found")
         await eng.mirror_binding(acct, pid, ref)
@@ -595,17 +596,18 @@ async def test_confirm_signed_callback(client: Client) -> None:
     headers, pid = await account(client)
     hid = (await hold(client, headers, sid, pid)).json()["hold_id"]
     body = msgspec.json.encode({"payment_ref": "wx-pay-1", "amount": 5000})
-    stale = payment_headers(body, ts=int(time.time()) - 600)
+    path = f"/v1/holds/{hid}/confirm"
+    stale = payment_headers(body, path=path, ts=int(time.time()) - 600)
     is_problem(await client.post(f"/v1/holds/{hid}/confirm", content=body, headers=stale), 401,
                "bad-signature")
-    forged = payment_headers(body, secret="not-the-secret")
+    forged = payment_headers(body, path=path, secret="not-the-secret")
     is_problem(await client.post(f"/v1/holds/{hid}/confirm", content=body, headers=forged), 401,
                "bad-signature")
     is_problem(await pay(client, hid, 4999), 422, "amount-mismatch")
     is_problem(await pay(client, "9.nope.1", 5000), 404, "not-found")
     bad = msgspec.json.encode({"payment_ref": "wx pay", "amount": 5000})
     is_problem(await client.post(f"/v1/holds/{hid}/confirm", content=bad,
-                                 headers=payment_headers(bad)), 422, "invalid-input")
+                                 headers=payment_headers(bad, path=path)), 422, "invalid-input")
     r = await pay(client, hid, 5000, "wx-pay-1")
     assert r.status_code == 200, r.text
     b = r.json()
@@ -649,7 +651,10 @@ async def test_bookings_list_view_cancel(client: Client, app: Litestar, redis_ur
     assert r.status_code == 200 and r.json()["replay"] is True
     assert (await client.get(f"/v1/bookings/{hid}", headers=headers)).json()["status"] == (
         "cancelled")
-    is_problem(await pay(client, hid, 5000, "again"), 409, "invalid-state")
+    # Another payment for the cancelled booking is refused for refund; the
+    # first payment's callback, replayed, finds the booking cancelled.
+    assert is_problem(await pay(client, hid, 5000, "again"), 409, "already-paid")["refund_due"]
+    is_problem(await pay(client, hid, 5000), 409, "invalid-state")
     is_problem(await client.post("/v1/bookings/x.y/cancel", headers=headers), 404, "not-found")
 
 
@@ -705,7 +710,7 @@ async def test_admin(client: Client, redis_url: str, db: str) -> None:
     hid = (await hold(client, headers, sid, pid)).json()["hold_id"]
     assert (await pay(client, hid, 5000)).status_code == 200
     b = (await client.get(f"/v1/admin/bookings/{hid}", headers=ADMIN)).json()
-    assert b["state"] == "booked" and b["payment_ref"] == "pay-1" and b["persisted"] is False
+    assert b["state"] == "booked" and b["payment_ref"] == f"pay-{hid}" and b["persisted"] is False
     await drain_outbox(redis_url, db)
     b = (await client.get(f"/v1/admin/bookings/{hid}", headers=ADMIN)).json()
     assert b["persisted"] is True and b["his_status"] == "pending"

@@ -133,7 +133,8 @@ async def test_spike_through_granian_two_workers(redis_url: str, db: str) -> Non
     with granian(server_env(redis_url, db), workers=2) as base:
         async with httpx.AsyncClient(base_url=base, timeout=60) as c:
             await import_sessions(c, [make_spec("SPIKE2", dept="DS2", caps=(UNITS,))])
-        accounts = await _accounts(db, dev_crypto(), Settings().token_secret, "spike-b")
+        accounts = await _accounts(db, dev_crypto(), Settings(env="development").token_secret,
+                                   "spike-b")
         t0 = time.perf_counter()
         codes = await _spike_sockets(base, accounts, "SPIKE2")
         print(f"2,000 holds through granian in {time.perf_counter() - t0:.2f} s")

@@ -64,7 +64,7 @@ def server(redis_url: str, pg_dsn: str) -> Iterator[tuple[str, dict[str, str]]]:
 
 def _document() -> dict[str, Any]:
     """The app's OpenAPI document (building the app does no I/O)."""
-    doc: dict[str, Any] = create_app(Settings()).openapi_schema.to_schema()
+    doc: dict[str, Any] = create_app(Settings(env="development")).openapi_schema.to_schema()
     return doc
 
 

@@ -228,19 +228,26 @@ def test_zipf_exclusion_and_uniform() -> None:
 
 def test_payment_signature() -> None:
     body = b'{"payment_ref":"pay-1","amount":5000}'
-    want = hmac.new(b"s3cret", b"1700000000." + body, hashlib.sha256).hexdigest()
-    assert sign_payment("s3cret", 1_700_000_000, body) == want
-    assert sign_payment("s3cret", "1700000000", body) == want
-    assert sign_payment("other", 1_700_000_000, body) != want
+    path = "/v1/holds/3.S1.17/confirm"
+    want = hmac.new(b"s3cret", b"v2\n1700000000\nPOST\n" + path.encode() + b"\n" + body,
+                    hashlib.sha256).hexdigest()
+    assert sign_payment("s3cret", 1_700_000_000, body, path=path) == want
+    assert sign_payment("s3cret", "1700000000", body, path=path) == want
+    assert sign_payment("other", 1_700_000_000, body, path=path) != want
+    assert sign_payment("s3cret", 1_700_000_000, body, path="/v1/holds/3.S1.18/confirm") != want
     try:
         from api.auth import sign_payment as api_sign
         from api.auth import verify_payment
     except ImportError:  # pragma: no cover - the API not there yet
         return
     ts = int(time.time())
-    assert sign_payment("k", ts, body) == api_sign("k", ts, body)
-    assert verify_payment("k", str(ts), sign_payment("k", ts, body), body)
-    assert not verify_payment("k", str(ts), sign_payment("k", ts, body + b" "), body)
+    assert sign_payment("k", ts, body, path=path) == api_sign("k", ts, body, path=path)
+    good = sign_payment("k", ts, body, path=path)
+    assert verify_payment("k", str(ts), good, body, method="POST", path=path)
+    assert not verify_payment("k", str(ts), sign_payment("k", ts, body + b" ", path=path), body,
+                              method="POST", path=path)
+    assert not verify_payment("k", str(ts), good, body, method="POST",
+                              path="/v1/holds/3.S1.18/confirm")
 
 
 # --------------------------------------------------------------------------- names, summary
@@ -425,6 +432,7 @@ async def test_spike_end_to_end(
     admin = secrets.token_urlsafe(24)
     payment = secrets.token_urlsafe(24)
     env = _env() | {
+        "HAOYUAN_ENV": "development",  # the scenario logs in with dev-<openid> codes
         "HAOYUAN_REDIS_URL": redis_url,  # emptied by fresh_redis
         "HAOYUAN_PG_DSN": fresh_pg_dsn,
         "HAOYUAN_ADMIN_TOKEN": admin,

@@ -22,10 +22,8 @@ from litestar.testing import AsyncTestClient
 
 from api.settings import Settings
 from engine.engine import Engine
-from engine.pii import Crypto
 from tests.apikit import (
     ADMIN,
-    ADMIN_TOKEN,
     ROOT,
     api,
     flushed_app,
@@ -286,16 +284,14 @@ async def test_shared_admin_token_is_the_bootstrap_in_development_only(
         problem(await c.get("/v1/admin/whoami",
                             headers={"Authorization": "Bearer hys_st000000000000_" + "a" * 43}),
                 401, "unauthorized")
-    prod: dict[str, Any] = dict(
-        env="production", admin_token=ADMIN_TOKEN, payment_secret="p" * 24,
-        token_secret="t" * 24, crypto=Crypto.generate_dev(), wechat_mode="code2session",
-        wechat_appid="app", wechat_secret="s" * 24, realname_mode="http",
-        realname_url="https://realname.example/verify", realname_key="k" * 24)
-    assert Settings(**prod).shared_admin_enabled is False
-    assert Settings(**prod, shared_admin="on").shared_admin_enabled is True
-    assert Settings().shared_admin_enabled is True
+    from tests.test_secure_defaults import production_env
+
+    prod = production_env()
+    assert Settings.from_env(prod).shared_admin_enabled is False
+    assert Settings.from_env({**prod, "HAOYUAN_SHARED_ADMIN": "on"}).shared_admin_enabled is True
+    assert Settings(env="development").shared_admin_enabled is True
     with pytest.raises(ValueError, match="REALNAME_MODE"):
-        Settings(**{**prod, "realname_mode": "simulator"})
+        Settings.from_env({**prod, "HAOYUAN_REALNAME_MODE": "simulator"})
 
 
 async def test_limits_per_client_address(redis_url: str, db: str) -> None:

@@ -25,7 +25,7 @@ from api.schemas import DepartmentOut, DoctorOut, HospitalOut, SessionOut
 from engine.outcomes import Availability
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
-_NAME = re.compile(r"[^\s|]{1,64}")
+_NAME = re.compile(r"[^\s|\x00-\x1f\x7f\ud800-\udfff]{1,64}")  # as engine.model.Name
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
 _encode = msgspec.json.Encoder().encode
 

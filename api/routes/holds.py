@@ -39,6 +39,7 @@ from api.guards import account_of, account_required, bearer_of, payment_signed
 from api.problems import REASONS, ProblemError, json_response, problem, refused, retry_after
 from api.schemas import HOLD_ID_RE, BookingOut, HoldIn, HoldOut, HoldView, PaymentIn, ReleasedOut
 from engine.outcomes import MESSAGES, Held, Reason, Refused
+from engine.store import payments
 
 log = structlog.get_logger("haoyuan.api")
 _encode = msgspec.json.Encoder().encode
@@ -220,10 +221,14 @@ class HoldController(Controller):
     async def confirm(
         self, request: Request[Any, Any, Any], hold_id: str, data: PaymentIn
     ) -> Response[BookingOut]:
-        """Signed by the payment side (not callable with an account token).
-        Idempotent: a repeated callback answers the same booking. A payment
+        """Signed by the payment side over method, path, timestamp and body
+        (not callable with an account token). Idempotent: a repeated callback
+        (same hold, reference and amount) answers the same booking. A payment
         after the hold ended books a free unit if one is left (``late``), else
-        409 expired with ``refund_due``."""
+        409 expired with ``refund_due``. A payment reference books one hold,
+        ever: reused for another hold it is 409 ``payment-reused``; a second
+        reference for a hold already paid is 409 ``already-paid``; both are
+        recorded for refund."""
         api = api_of(request)
         path: str = request.scope["path"]
         rec = None if not HOLD_ID_RE.fullmatch(hold_id) else await api.engine.record(hold_id)
@@ -239,11 +244,27 @@ class HoldController(Controller):
         if not api.admission.enter():
             return shed(api, "confirm", path)
         try:
+            # The reference is claimed for this hold in PostgreSQL first (its
+            # unique key): a reference that paid for another hold books nothing.
+            owner = await payments.claim(api.pool, data.payment_ref, hold_id, data.amount)
+            if owner is not None:
+                api.metrics.decision("confirm", "payment-reused")
+                log.warning("payment_reused", hold_id=hold_id, payment_ref=data.payment_ref)
+                await payments.record_refund(api.pool, data.payment_ref, hold_id, data.amount,
+                                             "payment-reused")
+                return problem("payment-reused", "refused and recorded for refund",
+                               instance=path, refund_due=True)
             out = await api.engine.confirm(hold_id, data.payment_ref)
         finally:
             api.admission.leave()
         if isinstance(out, Refused):
             api.metrics.decision("confirm", out.reason.value)
+            if out.reason is Reason.INVALID_STATE and out.state == "paid":
+                # A second payment for a paid hold books nothing: keep it for the refund.
+                await payments.record_refund(api.pool, data.payment_ref, hold_id, data.amount,
+                                             "already-paid")
+                return problem("already-paid", "refused and recorded for refund",
+                               instance=path, server_ms=out.server_ms or None, refund_due=True)
             return refused(out, path)
         api.metrics.decision("confirm", "booked")
         body = BookingOut(booking_id=out.booking_id, session_id=out.session_id,

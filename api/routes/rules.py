@@ -35,7 +35,7 @@ from engine.rules import (
     save_rules,
 )
 
-_NAME = re.compile(r"[^\s|]{1,64}")
+_NAME = re.compile(r"[^\s|\x00-\x1f\x7f\ud800-\udfff]{1,64}")  # as engine.model.Name
 _REF = re.compile(r"[A-Za-z0-9_:.-]{1,128}", re.ASCII)
 _encode = msgspec.json.Encoder().encode
 _REPLAYED = {"Idempotent-Replayed": "true"}
