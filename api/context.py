@@ -116,6 +116,12 @@ class Api:
         else:
             log.info("starting", mode="production")
         try:
+            # The configured durability must hold before any write is
+            # acknowledged (HAOYUAN_DURABILITY): a mismatch refuses to start.
+            await self.engine.check_durability()
+        except (OSError, RedisError) as exc:
+            log.error("redis_unavailable_at_startup", error=type(exc).__name__)
+        try:
             await self.engine.runner.load_all()
             await self.clock.calibrate(self.engine.server_time_ms)
         except Exception as exc:  # Redis down at startup: serve 503s, readiness says so

@@ -23,6 +23,10 @@ its start-up log and in ``/readyz``.
     HAOYUAN_SHARED_ADMIN=auto|on|off   the admin token as bootstrap identity
 
 Every field ``x`` is read from ``HAOYUAN_X``; choices are case-insensitive.
+The engine's own settings (``HAOYUAN_ACCOUNT_RATE_PER_S``,
+``HAOYUAN_DURABILITY``, ``HAOYUAN_REDIS_CLUSTER``, ``HAOYUAN_PATIENT_RULES``,
+...) are ``engine.config.EngineConfig``'s, read the same way by every
+``haoyuan`` worker.
 """
 
 from __future__ import annotations
@@ -30,13 +34,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from engine.engine import EngineConfig
+from engine.config import (
+    DEFAULT_PG_DSN,
+    DEFAULT_REDIS_URL,
+    ConfigError,
+    EngineConfig,
+    env_name,
+    parse_env,
+)
 from engine.pii import Crypto, CryptoConfigError
 from engine.secret_strength import DEV_SECRETS, secret_problem
 
@@ -44,7 +54,6 @@ __all__ = ["Settings", "SettingsError", "dev_crypto"]
 
 #: Secrets a production instance must be given (text; the data keys apart).
 _SECRETS = ("admin_token", "payment_secret", "token_secret", "ops_token")
-_ALIASES = {"env": {"dev": "development"}}
 _HOW = ("Generate a secret with: python -c 'import secrets; print(secrets.token_urlsafe(32))';"
         " a key (HAOYUAN_DATA_KEYS=<id>:<key>, HAOYUAN_HMAC_KEY=<key>) with:"
         " python -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())'."
@@ -54,7 +63,7 @@ DEV_WARNING = ("development mode: development secrets, development data keys and
                " logins are enabled; never run it with real patients or payments")
 
 
-class SettingsError(ValueError):
+class SettingsError(ConfigError):
     """Settings are missing, weak or malformed (never carries a secret's value).
 
     ``problems`` lists (variable, reason) pairs: every one found, not only the first."""
@@ -75,10 +84,8 @@ class SettingsError(ValueError):
 class Settings:
     #: ``production`` unless the operator asks for ``development`` (alias ``dev``).
     env: Literal["development", "production"] = "production"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_cluster: bool = False
-    redis_timeout_s: float = 5.0
-    pg_dsn: str = "postgresql://postgres@127.0.0.1:5432/haoyuan"
+    redis_url: str = DEFAULT_REDIS_URL
+    pg_dsn: str = DEFAULT_PG_DSN
     pg_pool_min: int = 1
     pg_pool_max: int = 8
     #: Apply pending migrations at startup (under an advisory lock).
@@ -102,20 +109,14 @@ class Settings:
     #: Patient data keys; None: HAOYUAN_DATA_KEYS, or fixed development keys in dev.
     crypto: Crypto | None = field(default=None, repr=False)
 
-    # -- rules passed to the engine (the engine enforces them)
+    #: The engine's settings (rate limits, batching, durability, cluster,
+    #: patient rules): ``EngineConfig.from_env``, the same object every
+    #: ``haoyuan`` worker builds.
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    #: Patients one account may bind.
     max_patients: int = 5
-    account_rate_per_s: float = 2.0
-    account_burst: int = 10
-    patient_rate_per_s: float = 1.0
-    patient_burst: int = 5
-    #: Hospital-wide patient rules in the engine: bans (no-shows) and at most
-    #: ``max_active_per_patient`` active holds and bookings (0 = no limit).
-    patient_rules: bool = False
-    max_active_per_patient: int = 0
 
     # -- hot path
-    #: Pipelines of batched engine calls in flight per worker (EngineConfig).
-    engine_pipelines: int = 2
     #: Engine calls in flight per worker; above it, 429 with a jittered Retry-After.
     max_inflight: int = 512
     #: Shed new engine work while this worker's event loop runs later than
@@ -182,15 +183,21 @@ class Settings:
         values: dict[str, Any] = {}
         problems: list[tuple[str, str]] = []
         for f in fields(cls):
-            if f.name == "crypto":
+            if f.name in ("crypto", "engine"):
                 continue
-            raw = env.get(f"HAOYUAN_{f.name.upper()}")
+            var = env_name(f.name)
+            raw = env.get(var)
             if raw is not None:
                 try:
-                    values[f.name] = _parse(f.name, hints[f.name], raw)
-                except SettingsError as exc:
-                    var = f"HAOYUAN_{f.name.upper()}"
+                    values[f.name] = parse_env(var, hints[f.name], raw)
+                except ConfigError as exc:
                     problems.append((var, str(exc).removeprefix(var + " ")))
+        if "engine" not in overrides:
+            try:
+                values["engine"] = EngineConfig.from_env(env)
+            except ConfigError as exc:
+                var = str(exc).split(" ", 1)[0]
+                problems.append((var, str(exc).removeprefix(var + " ")))
         if "crypto" not in overrides and (env.get("HAOYUAN_DATA_KEYS")
                                           or env.get("HAOYUAN_HMAC_KEY")):
             try:
@@ -295,17 +302,7 @@ class Settings:
         return dev_crypto()
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            account_rate_per_s=self.account_rate_per_s,
-            account_burst=self.account_burst,
-            patient_rate_per_s=self.patient_rate_per_s,
-            patient_burst=self.patient_burst,
-            socket_timeout_s=self.redis_timeout_s,
-            pipelines_in_flight=self.engine_pipelines,
-            patient_rules=self.patient_rules,
-            max_active_per_patient=self.max_active_per_patient,
-            cluster=self.redis_cluster,
-        )
+        return self.engine
 
 
 def dev_crypto() -> Crypto:
@@ -323,31 +320,3 @@ def _crypto_variable(message: str) -> str:
     if "HMAC" in message:
         return "HAOYUAN_HMAC_KEY"
     return "HAOYUAN_ACTIVE_KEY" if "active key" in message else "HAOYUAN_DATA_KEYS"
-
-
-def _parse(name: str, hint: Any, raw: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) != 1 or typing.get_origin(args[0]) is typing.Union:
-            raise SettingsError(f"HAOYUAN_{name.upper()} cannot be set from the environment")
-        return _parse(name, args[0], raw)
-    if origin is Literal:
-        low = raw.strip().lower()
-        low = _ALIASES.get(name, {}).get(low, low)
-        if low not in typing.get_args(hint):
-            raise SettingsError(f"HAOYUAN_{name.upper()} must be one of {typing.get_args(hint)}")
-        return low
-    try:
-        if hint is bool:
-            low = raw.strip().lower()
-            if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError
-            return low in ("1", "true", "yes", "on")
-        if hint is int:
-            return int(raw)
-        if hint is float:
-            return float(raw)
-    except ValueError:
-        raise SettingsError(f"HAOYUAN_{name.upper()} is malformed") from None
-    return raw

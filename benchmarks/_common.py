@@ -3,7 +3,7 @@ under granian, real accounts and patients prepared in bulk, wrk runs whose
 Lua script counts every answer by status and problem type (with a
 wall-clock timeline), and CPU sampling of every process group from /proc.
 
-Helpers of ``api.bench`` (wrk and hardware checks, HTTP readiness, the
+Helpers of ``benchmarks.http_bench`` (wrk and hardware checks, HTTP readiness, the
 admin import) are reused, not copied.
 """
 
@@ -25,8 +25,8 @@ from typing import Any
 import asyncpg
 
 from api.auth import TokenSigner
-from api.bench import _ADMIN, _ensure_wrk, _hardware, _import, _parse_wrk, _wait_http
 from api.settings import dev_crypto
+from benchmarks.http_bench import _ADMIN, _ensure_wrk, _hardware, _import, _parse_wrk, _wait_http
 from engine.engine import Engine, EngineConfig
 from engine.pii import check_digit
 

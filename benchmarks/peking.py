@@ -107,7 +107,7 @@ from benchmarks._common import (
 from engine import keys as K
 from engine.engine import Engine, EngineConfig
 from engine.model import SessionSpec, SlotSpec
-from engine.servers import PostgresServer, RedisServer, free_port
+from engine.testing.servers import PostgresServer, RedisServer, free_port
 
 __all__ = ["build_openloop", "run_openloop", "run_peking"]
 

@@ -1,17 +1,27 @@
-"""``haoyuan``: the command line of the engine.
+"""``haoyuan``: the one front door of the stack.
 
-    haoyuan demo [--quick] [--json]        the release-morning demo
-    haoyuan bench engine|http [--quick] [--json]
-    haoyuan migrate                        apply PostgreSQL migrations
-    haoyuan writer | forwarder | sweeper   the background workers
-    haoyuan import FILE                    sessions JSON -> PostgreSQL + engine
-    haoyuan audit [--json]                 conservation, Redis vs PostgreSQL vs HIS
-    haoyuan rebuild [SESSION ...]          Redis state from PostgreSQL
-    haoyuan rebuild-bindings               Redis's binding mirror from PostgreSQL
-    haoyuan staff add|list|disable         staff accounts with roles (token shown once)
+    haoyuan api [--port 8000] [--workers N]   the HTTP API (granian workers)
+    haoyuan writer | forwarder | sweeper | scheduler   the background workers
+    haoyuan migrate                      apply PostgreSQL migrations
+    haoyuan import FILE | --example | --schema   sessions JSON -> PostgreSQL + engine
+    haoyuan audit [--json]               conservation; Redis vs PostgreSQL vs HIS; rebuild needed?
+    haoyuan rebuild [SESSION ...]        close, drain, rebuild from PostgreSQL, reopen
+    haoyuan rebuild-bindings             Redis's binding mirror from PostgreSQL
+    haoyuan staff add|list|disable       staff accounts with roles (token shown once)
+    haoyuan demo [--quick] [--json]      the release-morning demo (starts what it needs)
+    haoyuan bench engine|http|durability|peers|peking [--quick] [--json]
 
-Connections come from ``--redis-url`` / ``--pg-dsn`` or the environment
-(``HAOYUAN_REDIS_URL``, ``HAOYUAN_PG_DSN``, ``HAOYUAN_HIS_URL``).
+Every command reads the same configuration from the environment
+(``engine.config``): ``HAOYUAN_REDIS_URL`` (default redis://127.0.0.1:6379/0),
+``HAOYUAN_PG_DSN`` (default postgresql://postgres@127.0.0.1:5432/haoyuan),
+``HAOYUAN_HIS_URL`` (default http://127.0.0.1:8090), and the engine's
+``HAOYUAN_DURABILITY``, ``HAOYUAN_REDIS_CLUSTER``, ``HAOYUAN_PATIENT_RULES``,
+``HAOYUAN_ACCOUNT_RATE_PER_S``, ...; ``--redis-url`` / ``--pg-dsn`` /
+``--his-url`` override the addresses. ``HAOYUAN_LOG_LEVEL`` (any case).
+
+This module sits above the embeddable core: it imports the API, the demo and
+the benchmarks lazily, inside the commands that run them; nothing in the
+core imports it (``tests/test_layering.py``).
 """
 
 from __future__ import annotations
@@ -26,12 +36,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
-DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+import msgspec
 
-
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(name, default)
+from engine.config import Connections
 
 
 def _stop_event() -> asyncio.Event:
@@ -45,12 +52,13 @@ def _stop_event() -> asyncio.Event:
 async def _writer(a: argparse.Namespace) -> int:
     import asyncpg
 
-    from engine.engine import Engine, EngineConfig
+    from engine.config import EngineConfig
+    from engine.engine import Engine
     from engine.writer import OutboxWriter, WriterConfig
 
     pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=4)
     try:
-        async with Engine.connect(a.redis_url, EngineConfig()) as eng:
+        async with Engine.connect(a.redis_url, EngineConfig.from_env()) as eng:
             w = OutboxWriter(eng, pool, WriterConfig(
                 batch_size=a.batch_size, block_ms=a.block_ms, claim_idle_ms=a.claim_idle_ms,
                 consumer=a.consumer or ""))
@@ -62,21 +70,12 @@ async def _writer(a: argparse.Namespace) -> int:
 
 
 async def _sweeper(a: argparse.Namespace) -> int:
-    from engine.engine import Engine, EngineConfig
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.sweeper import Sweeper
 
-    async with Engine.connect(a.redis_url, EngineConfig()) as eng:
-        stop = _stop_event()
-        while not stop.is_set():
-            try:
-                n = await eng.sweep()
-                if n:
-                    logging.getLogger("haoyuan.sweeper").info("reclaimed %d expired holds", n)
-            except Exception:
-                logging.getLogger("haoyuan.sweeper").exception("sweep failed")
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=a.interval)
-            except TimeoutError:
-                pass
+    async with Engine.connect(a.redis_url, EngineConfig.from_env()) as eng:
+        await Sweeper(eng, interval_s=a.interval).run(_stop_event(), burst=a.once)
     return 0
 
 
@@ -88,28 +87,243 @@ async def _migrate(a: argparse.Namespace) -> int:
     return 0
 
 
+async def _audit(a: argparse.Namespace) -> int:
+    import asyncpg
+
+    from engine.audit import format_table, run_audit
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+
+    pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=2) if a.pg_dsn else None
+    his = None
+    if a.his_url:
+        from engine.his.fhir import FhirHisClient
+
+        his = FhirHisClient(a.his_url)
+    try:
+        async with Engine.connect(a.redis_url, EngineConfig.from_env()) as eng:
+            report = await run_audit(eng, pool, his, session_ids=a.session or None)
+        if pool is not None:
+            import datetime as dt
+
+            from engine.store.queries import record_audit_run
+
+            now = dt.datetime.now(dt.UTC)
+            await record_audit_run(pool, started_at=now, finished_at=now, ok=report.ok,
+                                   sessions=len(report.sessions), breaches=report.breaches,
+                                   report=msgspec.to_builtins(report))
+    finally:
+        if pool is not None:
+            await pool.close()
+        if his is not None:
+            await his.aclose()
+    if a.json:
+        print(msgspec.json.encode(report).decode())
+    else:
+        print(format_table(report))
+    return 0 if report.ok else 1
+
+
+async def _rebuild(a: argparse.Namespace) -> int:
+    import asyncpg
+
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.rebuild import rebuild
+    from engine.recovery import RecoveryError
+
+    pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=2)
+    try:
+        async with Engine.connect(a.redis_url, EngineConfig.from_env()) as eng:
+            reports = await rebuild(eng, pool, a.session or None,
+                                    drain_timeout_s=a.drain_timeout)
+    except RecoveryError as exc:
+        print(f"haoyuan rebuild: {exc}; the partition stays closed (its sales answer "
+              "'recovering'): fix the cause and run the rebuild again", file=sys.stderr)
+        return 2
+    finally:
+        await pool.close()
+    print(msgspec.json.encode(reports).decode())
+    return 0 if all(not r.failed for r in reports) else 1
+
+
+async def _rebuild_bindings(a: argparse.Namespace) -> int:
+    import asyncpg
+
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.rebuild import rebuild_bindings
+
+    pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=2)
+    try:
+        async with Engine.connect(a.redis_url, EngineConfig.from_env()) as eng:
+            written = await rebuild_bindings(eng, pool)
+    finally:
+        await pool.close()
+    print(msgspec.json.encode({"written": written}).decode())
+    return 0
+
+
+async def _import(a: argparse.Namespace) -> int:
+    if a.schema:
+        from engine.model import SessionSpec
+
+        print(msgspec.json.encode(msgspec.json.schema(list[SessionSpec])).decode())
+        return 0
+    if a.example:
+        from engine.schedule_import import example_file
+
+        print(example_file().read_text(), end="")
+        return 0
+    if not a.file:
+        print("haoyuan import: give a FILE (see --example and --schema)", file=sys.stderr)
+        return 2
+    import asyncpg
+
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.schedule_import import ScheduleFileError, import_sessions, load_json_file
+
+    try:
+        specs = load_json_file(a.file)
+    except ScheduleFileError as exc:
+        print(f"haoyuan import: {exc}", file=sys.stderr)
+        return 2
+    pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=2)
+    try:
+        async with Engine.connect(a.redis_url, EngineConfig.from_env()) as eng:
+            report = await import_sessions(eng, pool, specs)
+    finally:
+        await pool.close()
+    print(msgspec.json.encode(report).decode())
+    return 0
+
+
+async def _forwarder(a: argparse.Namespace) -> int:
+    import asyncpg
+
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.forwarder import ForwarderConfig, HisForwarder
+    from engine.his.fhir import FhirHisClient
+
+    pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=4)
+    his = FhirHisClient(a.his_url, timeout=a.timeout)
+    try:
+        async with Engine.connect(a.redis_url, EngineConfig.from_env()) as eng:
+            fwd = HisForwarder(eng, pool, his, ForwarderConfig())
+            await fwd.run(_stop_event(), burst=a.burst)
+    finally:
+        await his.aclose()
+        await pool.close()
+    return 0
+
+
+async def _scheduler(a: argparse.Namespace) -> int:
+    import asyncpg
+
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.his.fhir import FhirHisClient
+    from engine.scheduler import run_scheduler, schedule_once
+
+    pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=2)
+    his = FhirHisClient(a.his_url)
+    try:
+        async with Engine.connect(a.redis_url, EngineConfig.from_env()) as eng:
+            if a.once:
+                print(msgspec.json.encode(await schedule_once(eng, pool, his)).decode())
+            else:
+                await run_scheduler(eng, pool, his, _stop_event(), interval_s=a.interval)
+    finally:
+        await his.aclose()
+        await pool.close()
+    return 0
+
+
+async def _staff(a: argparse.Namespace) -> int:
+    """``staff add USERNAME --role R`` (prints the token, once), ``staff list``,
+    ``staff disable USERNAME``. Recorded in the staff audit trail as ``cli:<OS user>``."""
+    import getpass
+
+    import asyncpg
+
+    from engine.store import staff
+
+    who = "cli:" + getpass.getuser()
+    conn = await asyncpg.connect(a.pg_dsn)
+    try:
+        if not await conn.fetchval("SELECT to_regclass('staff') IS NOT NULL"):
+            print("haoyuan staff: no staff table here; run haoyuan migrate first",
+                  file=sys.stderr)
+            return 1
+        if a.staff_command == "add":
+            try:
+                member, token = await staff.add_staff(conn, a.username, a.role, who)
+            except (ValueError, staff.StaffExists) as exc:
+                print(f"haoyuan staff add: {exc}", file=sys.stderr)
+                return 1
+            print(json.dumps({"staff_id": member.id, "username": member.username,
+                              "role": member.role, "token": token}))
+            print("The token is shown once: hand it to the person; only its hash is stored.",
+                  file=sys.stderr)
+            return 0
+        if a.staff_command == "disable":
+            done = await staff.disable_staff(conn, a.username, who)
+            print(json.dumps({"username": a.username, "disabled": done}))
+            return 0 if done else 1
+        members = await staff.list_staff(conn)
+    finally:
+        await conn.close()
+    if a.json:
+        print(msgspec.json.encode(members).decode())
+    else:
+        print(f"{'id':<16} {'username':<24} {'role':<9} {'created':<20} disabled")
+        for m in members:
+            print(f"{m.id:<16} {m.username:<24} {m.role:<9} "
+                  f"{m.created_at:%Y-%m-%d %H:%M:%S} "
+                  f"{'' if m.disabled_at is None else f'{m.disabled_at:%Y-%m-%d %H:%M:%S}'}")
+    return 0
+
+
+async def _demo(a: argparse.Namespace) -> int:
+    from benchmarks.demo import run_demo
+
+    summary = await run_demo(quick=a.quick, json_only=a.json, out_dir=a.out,
+                             engine_only=a.engine_only)
+    if a.json:
+        print(json.dumps(summary))
+    return 0 if summary.get("ok") else 1
+
+
 async def _bench(a: argparse.Namespace) -> int:
     result: dict[str, Any]
-    if a.what == "engine":
-        from engine.bench import run_engine_bench
+    try:
+        if a.what == "engine":
+            from benchmarks.engine_bench import run_engine_bench
 
-        result = await run_engine_bench(quick=a.quick)
-    elif a.what == "durability":
-        from engine.bench import run_durability_bench
+            result = await run_engine_bench(quick=a.quick)
+        elif a.what == "durability":
+            from benchmarks.engine_bench import run_durability_bench
 
-        result = await run_durability_bench(quick=a.quick)
-    elif a.what == "peers":
-        from benchmarks.peers import run_peers
+            result = await run_durability_bench(quick=a.quick)
+        elif a.what == "peers":
+            from benchmarks.peers import run_peers
 
-        result = await run_peers(quick=a.quick)
-    elif a.what == "peking":
-        from benchmarks.peking import run_peking
+            result = await run_peers(quick=a.quick)
+        elif a.what == "peking":
+            from benchmarks.peking import run_peking
 
-        result = await run_peking(quick=a.quick, open_loop=a.open_loop)
-    else:
-        from api.bench import run_http_bench
+            result = await run_peking(quick=a.quick, open_loop=a.open_loop)
+        else:
+            from benchmarks.http_bench import run_http_bench
 
-        result = await run_http_bench(quick=a.quick)
+            result = await run_http_bench(quick=a.quick)
+    except ModuleNotFoundError as exc:
+        print(f"haoyuan bench {a.what}: {exc.name} is missing: this benchmark runs from a "
+              "checkout of haoyuan with the load extra (pip install 'haoyuan[load]')",
+              file=sys.stderr)
+        return 2
     if a.json:
         print(json.dumps(result))
     else:
@@ -118,57 +332,149 @@ async def _bench(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_conn(p: argparse.ArgumentParser, pg: bool = True) -> None:
-    p.add_argument("--redis-url", default=_env("HAOYUAN_REDIS_URL", DEFAULT_REDIS))
+def _api(a: argparse.Namespace) -> int:
+    from api.serve import main as serve_main
+
+    args = ["--host", a.host, "--port", str(a.port), "--workers", str(a.workers)]
+    if a.no_access_log:
+        args.append("--no-access-log")
+    return serve_main(args)
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown with every option; descriptions kept as written."""
+
+
+def _conn(p: argparse.ArgumentParser, *, pg: bool = True, his: bool = False,
+          his_optional: bool = False) -> None:
+    c = Connections.from_env()
+    p.add_argument("--redis-url", default=c.redis_url,
+                   help="Redis (or a cluster node: HAOYUAN_REDIS_CLUSTER=1); $HAOYUAN_REDIS_URL")
     if pg:
-        p.add_argument("--pg-dsn", default=_env("HAOYUAN_PG_DSN", DEFAULT_PG))
+        p.add_argument("--pg-dsn", default=c.pg_dsn, help="PostgreSQL; $HAOYUAN_PG_DSN")
+    if his:
+        p.add_argument("--his-url", default=c.his_url, help="the HIS (FHIR R4); $HAOYUAN_HIS_URL")
+    if his_optional:
+        p.add_argument("--his-url", default=os.environ.get("HAOYUAN_HIS_URL"),
+                       help="also compare with the HIS (FHIR R4); $HAOYUAN_HIS_URL")
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
-    "writer": _writer,
-    "sweeper": _sweeper,
-    "migrate": _migrate,
-    "bench": _bench,
-}
+SyncOrAsync = Callable[[argparse.Namespace], Any]
+COMMANDS: dict[str, SyncOrAsync] = {}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="haoyuan", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = argparse.ArgumentParser(prog="haoyuan", description=__doc__, formatter_class=_Help)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("writer", help="outbox streams -> PostgreSQL")
-    _add_conn(p)
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--block-ms", type=int, default=200)
-    p.add_argument("--claim-idle-ms", type=int, default=5000)
-    p.add_argument("--consumer", default=None)
+    def cmd(name: str, fn: SyncOrAsync, help: str) -> argparse.ArgumentParser:
+        COMMANDS[name] = fn
+        parser: argparse.ArgumentParser = sub.add_parser(
+            name, help=help, description=help, formatter_class=_Help)
+        return parser
+
+    p = cmd("api", _api, "serve the HTTP API under granian (settings: HAOYUAN_*, see README)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1),
+                   help="worker processes (each with its own engine connection and caches)")
+    p.add_argument("--no-access-log", action="store_true", help="no access log lines")
+
+    p = cmd("writer", _writer, "the outbox writer: Redis outbox streams -> PostgreSQL")
+    _conn(p)
+    p.add_argument("--batch-size", type=int, default=500, help="entries per transaction")
+    p.add_argument("--block-ms", type=int, default=200,
+                   help="milliseconds one read waits for new entries")
+    p.add_argument("--claim-idle-ms", type=int, default=5000,
+                   help="milliseconds after which a dead writer's entries are claimed")
+    p.add_argument("--consumer", default=None,
+                   help="consumer name in the group (default: host-pid)")
     p.add_argument("--burst", action="store_true", help="stop once the outbox is drained")
 
-    p = sub.add_parser("sweeper", help="reclaim expired holds")
-    _add_conn(p, pg=False)
-    p.add_argument("--interval", type=float, default=1.0)
+    p = cmd("forwarder", _forwarder, "the HIS forwarder: bookings and cancels -> HIS (FHIR R4)")
+    _conn(p, his=True)
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per HIS request")
+    p.add_argument("--burst", action="store_true", help="stop once nothing is left to send")
 
-    p = sub.add_parser("migrate", help="apply PostgreSQL migrations")
-    _add_conn(p)
+    p = cmd("sweeper", _sweeper, "reclaim expired holds, release delayed units, close waitlists")
+    _conn(p, pg=False)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between sweeps")
+    p.add_argument("--once", action="store_true", help="one sweep, then stop")
 
-    p = sub.add_parser("bench", help="benchmarks: engine or http")
-    p.add_argument("what", choices=["engine", "http", "durability", "peers", "peking"])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p = cmd("scheduler", _scheduler,
+            "fetch HIS sessions ahead of the release calendar, apply the rules, import")
+    _conn(p, his=True)
+    p.add_argument("--interval", type=float, default=600.0, help="seconds between passes")
+    p.add_argument("--once", action="store_true", help="one pass, print its report")
+
+    p = cmd("migrate", _migrate, "apply PostgreSQL migrations (under an advisory lock)")
+    _conn(p)
+
+    p = cmd("import", _import,
+            "import sessions (a JSON list of session specs) into PostgreSQL and the engine")
+    _conn(p)
+    p.add_argument("file", nargs="?", help="the sessions JSON file")
+    p.add_argument("--example", action="store_true",
+                   help="print a documented example file (engine/examples/sessions.json)")
+    p.add_argument("--schema", action="store_true", help="print the file's JSON Schema")
+
+    p = cmd("audit", _audit, "conservation per session; Redis vs PostgreSQL vs HIS; whether a "
+            "rebuild is needed (exit 1 on any breach)")
+    _conn(p, his_optional=True)
+    p.add_argument("--session", action="append", help="only this session (repeatable)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object: ok, sessions, breaches, rebuild_needed, recovery, ...")
+
+    p = cmd("rebuild", _rebuild, "per partition: close sales, drain the outbox, reload from "
+            "PostgreSQL, restore bookings, reopen (safe any time; exit 2: a partition stayed "
+            "closed)")
+    _conn(p)
+    p.add_argument("session", nargs="*", help="rebuild the partitions of these sessions "
+                   "(default: every partition PostgreSQL knows)")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds to wait for a partition's outbox to reach PostgreSQL before "
+                        "giving up (the partition then stays closed)")
+
+    p = cmd("rebuild-bindings", _rebuild_bindings,
+            "refill Redis's binding mirror (read by holds) from PostgreSQL; prints {written}")
+    _conn(p)
+
+    p = cmd("staff", _staff, "staff accounts with roles: add (prints the token once), list, "
+            "disable")
+    staff_sub = p.add_subparsers(dest="staff_command", required=True, metavar="ACTION")
+    q = staff_sub.add_parser("add", help="add a staff member; prints their token once",
+                             formatter_class=_Help)
+    q.add_argument("username")
+    q.add_argument("--role", required=True, choices=("operator", "clerk", "finance"),
+                   help="operator: schedule, rules, audits; clerk: the window; finance: refunds")
+    _conn(q)
+    q = staff_sub.add_parser("list", help="every staff member", formatter_class=_Help)
+    q.add_argument("--json", action="store_true", help="as JSON")
+    _conn(q)
+    q = staff_sub.add_parser("disable", help="disable a staff member (by username or id)",
+                             formatter_class=_Help)
+    q.add_argument("username")
+    _conn(q)
+
+    p = cmd("demo", _demo, "the release-morning demo (starts its own Redis, PostgreSQL, HIS "
+            "simulator, API and workers unless HAOYUAN_REDIS_URL / HAOYUAN_PG_DSN are set)")
+    p.add_argument("--quick", action="store_true", help="a smaller morning, under a minute")
+    p.add_argument("--json", action="store_true", help="print only the JSON summary")
+    p.add_argument("--out", default="reports/demo",
+                   help="directory for the report, Locust's CSV/HTML and the plots")
+    p.add_argument("--engine-only", action="store_true",
+                   help="the crowd calls the engine in process instead of HTTP + Locust")
+
+    p = cmd("bench", _bench, "measurements with their ceilings (see benchmarks/README.md)")
+    p.add_argument("what", choices=["engine", "http", "durability", "peers", "peking"],
+                   help="engine: holds/s vs redis-benchmark; http: holds and sold-out vs "
+                        "hello-world; durability: confirmations per AOF mode; peers: vs the "
+                        "relational design; peking: the Peking-scale morning (checkout only)")
+    p.add_argument("--quick", action="store_true", help="shorter runs")
+    p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--open-loop", action="store_true",
                    help="peking: an open-loop crowd on a rate schedule (benchmarks/openloop.c)")
-
-    _extend(sub)
     return ap
-
-
-def _extend(sub: Any) -> None:
-    """Commands defined in other modules register here (kept lazy: imports
-    happen only when the command runs)."""
-    from engine import cli_ops
-
-    cli_ops.register(sub, COMMANDS, _add_conn)
 
 
 def log_level(value: str | None) -> int:
@@ -186,13 +492,24 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     a = build_parser().parse_args(argv)
+    fn = COMMANDS[a.cmd]
+    if not asyncio.iscoroutinefunction(fn):
+        return int(fn(a))
     try:
         import uvloop
 
         runner: Callable[[Awaitable[int]], int] = uvloop.run  # type: ignore[assignment]
     except ImportError:  # pragma: no cover
         runner = asyncio.run  # type: ignore[assignment]
-    return runner(COMMANDS[a.cmd](a))
+    try:
+        return runner(fn(a))
+    except Exception as exc:  # a worker that cannot start: say why, no traceback
+        from engine.config import ConfigError
+
+        if isinstance(exc, ConfigError | RuntimeError | OSError):
+            print(f"haoyuan {a.cmd}: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

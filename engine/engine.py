@@ -30,6 +30,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine import keys as K
 from engine import replies as R
+from engine.config import EngineConfig
+from engine.conservation import audit_snapshot
 from engine.model import SessionSpec
 from engine.outcomes import (
     Availability,
@@ -38,70 +40,23 @@ from engine.outcomes import (
     Code,
     Held,
     Loaded,
-    Reason,
+    Record,
     Refused,
     Released,
     Restore,
     SessionAudit,
     SessionAvailability,
-    SlotAudit,
     SlotAvailability,
     SlotLoad,
     Suspended,
     Waitlisted,
+    decode_record,
 )
 from engine.replies import HoldReply, Reply
 from engine.scripts import AnyRedis, ScriptError, ScriptRunner
 
 __all__ = ["Engine", "EngineConfig", "ScriptError", "SessionRef"]
 
-_decode = msgspec.json.Decoder(dict[str, Any]).decode
-_SLOT_BASE = 1_000_000
-_POOL_BASE = 100_000
-
-
-@dataclass(slots=True)
-class EngineConfig:
-    """Settings with defaults that work locally."""
-
-    #: GCRA per account: sustained requests per second and burst.
-    account_rate_per_s: float = 2.0
-    account_burst: int = 10
-    #: GCRA per patient (across the accounts that bind them).
-    patient_rate_per_s: float = 1.0
-    patient_burst: int = 5
-    idempotency_ttl_ms: int = 24 * 3600 * 1000
-    #: Expired holds of a session reclaimed by each hold on the way.
-    reclaim_per_hold: int = 3
-    #: Coalesce concurrent script calls into pipelines.
-    batch: bool = True
-    pipelines_in_flight: int = 2
-    #: Added to Redis server time in every decision. Tests only.
-    clock_offset_ms: int = 0
-    socket_timeout_s: float = 5.0
-    cluster: bool = False
-    #: What must hold before a write is acknowledged (checked at connect):
-    #: "aof-always" (Redis must run appendonly yes, appendfsync always),
-    #: "aof-everysec", "wait" (``wait_replicas`` replicas within
-    #: ``wait_timeout_ms``, via WAIT on the batch's connection), or "none".
-    durability: str = "none"
-    wait_replicas: int = 1
-    wait_timeout_ms: int = 100
-    #: 号源池: the pools each channel may draw from (0 public, 1 phone,
-    #: 2 window, 3 referral), lowest queue number first.
-    channel_pools: dict[str, str] = field(default_factory=lambda: {
-        "app": "0", "phone": "1,0", "window": "2,0", "referral": "3,0", "admin": "0,1,2,3",
-    })
-    #: Hospital-wide patient rules on the patient's own partition: bans (the
-    #: no-show policy every hospital has by default) and at most N active
-    #: holds and bookings (the session's ``max_active_per_patient``, else
-    #: this default; 0 = no limit). One more batched script per hold; on by
-    #: default, because a rule a hospital configured must be in force.
-    patient_rules: bool = True
-    max_active_per_patient: int = 0
-    #: Lifetime of the patient-wide reservation made before a hold: if the
-    #: engine dies before settling it, it lapses by itself.
-    patient_reservation_ms: int = 15 * 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -654,14 +609,14 @@ class Engine:
         seq = record_id.rsplit(".", 1)[1]
         return bool(await self.runner.call(R.RAISE_SEQUENCE, [K.PartitionKeys(p).seq], [seq]))
 
-    async def record(self, record_id: str) -> dict[str, Any] | None:
+    async def record(self, record_id: str) -> Record | None:
         """The stored hold/booking record (state and owner), or None."""
         try:
             p = K.partition_of_record(record_id)
         except ValueError:
             return None
         raw = await self.client.hget(K.PartitionKeys(p).records, record_id)
-        return None if raw is None else _decode(raw)
+        return None if raw is None else decode_record(raw)
 
     # -- expiry --------------------------------------------------------------
     async def sweep(self, *, limit: int = 1000) -> int:
@@ -788,7 +743,7 @@ class Engine:
         snap = await self.snapshot(session_id)
         if snap is None:
             return SessionAudit(session_id, 0, 0, 0, 0, 0, False, ["session not found"], [])
-        return audit_snapshot(session_id, snap)
+        return audit_snapshot(session_id, snap)  # engine.conservation
 
 
 def new_epoch() -> str:
@@ -811,78 +766,4 @@ def sk_part(ref: SessionRef) -> K.PartitionKeys:
     return K.PartitionKeys(ref.partition)
 
 
-def audit_snapshot(session_id: str, snap: dict[str, Any]) -> SessionAudit:
-    """Conservation per slot: capacity = free + delayed + held + booked; no
-    unit free and in use at once, or in use by two records."""
-    meta: dict[str, str] = snap["meta"]
-    breaches: list[str] = []
-    slots = [s["id"] for s in msgspec.json.decode(meta["slots"])]
-    index = {sid: int(meta[f"i:{sid}"]) for sid in slots}
-    by_index = {v: k for k, v in index.items()}
-    caps = {sid: int(meta[f"c:{sid}"]) for sid in slots}
-    nextno = int(meta.get("nextno", 0))
-    per: dict[str, SlotAudit] = {s: SlotAudit(s, caps[s], 0, 0, 0) for s in slots}
-    free_units: set[int] = set()
-    for unit_s, score in snap["free"]:
-        unit = int(unit_s)
-        free_units.add(unit)
-        slot = by_index.get(int(score) // _SLOT_BASE)
-        if slot is None or int(score) % _POOL_BASE != unit or not 1 <= unit <= nextno:
-            breaches.append(f"free unit {unit} has a bad score {score}")
-            continue
-        per[slot].free += 1
-    for member in snap.get("delayed", []):
-        unit_s, slot, score = member.split(":")
-        unit = int(unit_s)
-        if unit in free_units:
-            breaches.append(f"unit {unit} is both free and delayed")
-        free_units.add(unit)
-        if slot not in per or by_index.get(int(score) // _SLOT_BASE) != slot:
-            breaches.append(f"delayed unit {unit} has a bad slot {slot}")
-            continue
-        per[slot].delayed += 1
-    seen_ids: dict[str, int] = {}
-    booked_units: dict[str, int] = {}
-    for unit_s, raw, rec_id in snap["used"]:
-        unit = int(unit_s)
-        if unit in free_units:
-            breaches.append(f"unit {unit} is both free and in use by {rec_id}")
-        if rec_id in seen_ids:
-            breaches.append(f"record {rec_id} holds units {seen_ids[rec_id]} and {unit}")
-        seen_ids[rec_id] = unit
-        if raw is False:
-            breaches.append(f"unit {unit} is in use by a missing record {rec_id}")
-            continue
-        rec = _decode(raw)
-        if int(rec["unit"]) != unit or rec["sid"] != session_id or rec["slot"] not in per:
-            breaches.append(f"unit {unit}: record {rec_id} points elsewhere")
-            continue
-        if rec["st"] == "h":
-            per[rec["slot"]].held += 1
-        elif rec["st"] == "b":
-            per[rec["slot"]].booked += 1
-            booked_units[rec_id] = unit
-        else:
-            breaches.append(f"unit {unit} is in use by record {rec_id} in state {rec['st']}")
-    for s in per.values():
-        if s.capacity != s.free + s.delayed + s.held + s.booked:
-            breaches.append(
-                f"slot {s.slot_id}: capacity {s.capacity} != free {s.free} + delayed"
-                f" {s.delayed} + held {s.held} + booked {s.booked}"
-            )
-    total = list(per.values())
-    return SessionAudit(
-        session_id=session_id,
-        capacity=sum(s.capacity for s in total),
-        free=sum(s.free for s in total),
-        held=sum(s.held for s in total),
-        booked=sum(s.booked for s in total),
-        delayed=sum(s.delayed for s in total),
-        ok=not breaches,
-        breaches=breaches,
-        slots=total,
-        booked_units=booked_units,
-    )
 
-
-__all__ += ["Reason", "audit_snapshot"]

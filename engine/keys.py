@@ -13,6 +13,11 @@ import zlib
 from dataclasses import dataclass
 
 PARTITIONS = 64
+#: A free unit's score: slot index * SLOT_BASE + pool * POOL_BASE + queue
+#: number (lua/includes/units.lua), so "lowest free unit of slot i in pool p"
+#: is one range query.
+SLOT_BASE = 1_000_000
+POOL_BASE = 100_000
 PREFIX = "hy"
 # Session ids and slot ids go into key names and hold ids: keep them plain.
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

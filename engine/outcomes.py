@@ -104,6 +104,61 @@ class Restore(enum.StrEnum):
         return {"c": cls.KEPT_CANCELLED, "r": cls.KEPT_REFUNDED, "x": cls.KEPT_DISPLACED}[state]
 
 
+class RecordState(enum.StrEnum):
+    """A hold/booking record's state, as the scripts store it (one letter)."""
+
+    HELD = "h"
+    BOOKED = "b"
+    EXPIRED = "x"
+    RELEASED = "v"
+    CANCELLED = "c"
+    REFUND_DUE = "r"  # a payment that found no unit
+
+    @property
+    def label(self) -> str:
+        """The word the API and reports use: held, booked, expired, ..."""
+        return _LABELS[self]
+
+
+_LABELS = {RecordState.HELD: "held", RecordState.BOOKED: "booked",
+           RecordState.EXPIRED: "expired", RecordState.RELEASED: "released",
+           RecordState.CANCELLED: "cancelled", RecordState.REFUND_DUE: "refund_due"}
+
+
+class Record(msgspec.Struct, frozen=True, kw_only=True):
+    """One hold or booking as Redis holds it (holds and bookings share an id,
+    ``<partition>.<session>.<seq>``); the JSON keys are the scripts' short
+    ones (``lua/includes/records.lua``)."""
+
+    id: str
+    session_id: str = msgspec.field(name="sid")
+    slot_id: str = msgspec.field(name="slot")
+    unit: int
+    score: int = msgspec.field(name="sc")
+    patient: str = msgspec.field(name="pat")
+    account: str = msgspec.field(name="acct")
+    state: RecordState = msgspec.field(name="st")
+    #: A hold's payment deadline (kept on the booking it became).
+    deadline_ms: int = msgspec.field(default=0, name="dl")
+    at_ms: int = msgspec.field(default=0, name="at")
+    fee: int | None = None
+    payment_ref: str = msgspec.field(default="", name="pay")
+    booked_at_ms: int = msgspec.field(default=0, name="bt")
+    ended_ms: int = msgspec.field(default=0, name="ended")
+    reason: str = msgspec.field(default="", name="rsn")
+    #: A patient's cancel within a day of the visit (the no-show policy).
+    late: int = 0
+    #: The patient-wide reservation's request id of the hold.
+    request_id: str = msgspec.field(default="", name="rq")
+    #: 1 for a unit offered to the head of a waitlist (候补).
+    waitlist_offer: int = msgspec.field(default=0, name="wl")
+    #: 1 for a booking a rebuild put back from PostgreSQL.
+    restored: int = 0
+
+
+decode_record = msgspec.json.Decoder(Record).decode
+
+
 class Held(msgspec.Struct, frozen=True, tag="held"):
     hold_id: str
     session_id: str

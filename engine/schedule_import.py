@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "CST",
     "ImportReport",
     "ScheduleFileError",
+    "example_file",
     "fetch_from_his",
     "import_loaded",
     "import_sessions",
@@ -115,6 +117,15 @@ async def import_sessions(engine: Engine, pool: Any, specs: Sequence[SessionSpec
         capacity=sum(s.capacity for s in specs),
         recovering=[x.session_id for x in loaded if not x.open],
     )
+
+
+def example_file() -> Path:
+    """The documented example of a sessions file (``examples/sessions.json`` in
+    a checkout, ``engine/examples/sessions.json`` in an installed wheel)."""
+    packaged = resources.files("engine").joinpath("examples", "sessions.json")
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "examples" / "sessions.json"
 
 
 def load_json_file(path: str | Path) -> list[SessionSpec]:

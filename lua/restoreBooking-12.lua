@@ -70,9 +70,12 @@ else
 end
 rcall('HSET', k.units, unit, b.id)
 rcall('HSET', k.rule, b.pat, b.id)
+-- (JSON null decodes to cjson.null, which Lua counts as true: check types.)
+local bt = type(b.bt) == 'number' and b.bt or now
 local restored = {id = b.id, sid = b.sid, slot = b.slot, unit = b.unit, sc = score,
-                  pat = b.pat, acct = b.acct, st = 'b', dl = 0, at = b.bt or now,
-                  bt = b.bt or now, fee = b.fee or 0, pay = b.pay or '', restored = 1}
+                  pat = b.pat, acct = b.acct, st = 'b', dl = 0, at = bt, bt = bt,
+                  fee = type(b.fee) == 'number' and b.fee or 0,
+                  pay = type(b.pay) == 'string' and b.pay or '', restored = 1}
 if holder == b.id and cur ~= nil then restored.rq = cur.rq end  -- what the engine reserved
 put_rec(k.recs, restored)
 -- The booking counts hospital-wide again (Redis may have lost that count too).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -23,9 +24,10 @@ from api.app import create_app
 from api.auth import sign_payment
 from api.context import Api
 from api.settings import Settings
+from engine.config import EngineConfig
 from engine.model import SessionSpec
 from engine.pii import Crypto, check_digit
-from engine.servers import free_port
+from engine.testing.servers import free_port
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 PAYMENT_SECRET = "test-payment-secret-0123456789"
@@ -46,10 +48,15 @@ NO_CLIENT_LIMITS: dict[str, Any] = dict(
 
 
 def settings(redis_url: str, pg_dsn: str, **kw: Any) -> Settings:
+    """Development settings for tests; keyword arguments that name an
+    ``EngineConfig`` field (``patient_rules=True``, ``socket_timeout_s=0.5``)
+    go to the engine's configuration, the rest to ``Settings``."""
+    engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    engine_kw = {k: kw.pop(k) for k in list(kw) if k in engine_fields}
     opts: dict[str, Any] = dict(
         env="development", redis_url=redis_url, pg_dsn=pg_dsn, crypto=Crypto.generate_dev(),
         admin_token=ADMIN_TOKEN, payment_secret=PAYMENT_SECRET, log_level="warning",
-        **NO_CLIENT_LIMITS,
+        engine=EngineConfig(**engine_kw), **NO_CLIENT_LIMITS,
     )
     opts.update(kw)
     return Settings(**opts)

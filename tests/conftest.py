@@ -1,7 +1,7 @@
 """Shared fixtures: private Redis / PostgreSQL / Redis Cluster on loopback.
 
 By default every server is a private process started from the local binaries
-(see engine/servers.py) and removed at the end of the session, also when a test
+(see engine/testing/servers.py) and removed at the end of the session, also when a test
 fails or the run is interrupted. To use servers you already run instead:
 
     HAOYUAN_TEST_REDIS_URL=redis://127.0.0.1:6379/15   (FLUSHALL is run on it!)
@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from engine.servers import PostgresServer, RedisClusterServer, RedisServer
+from engine.testing.servers import PostgresServer, RedisClusterServer, RedisServer
 
 
 @dataclass(frozen=True)

@@ -819,7 +819,7 @@ async def test_not_ready_when_writer_lags(client: Client, app: Litestar) -> None
 
 @pytest.mark.slow
 async def test_redis_down_is_503_not_500(db: str) -> None:
-    dead = create_app(settings("redis://127.0.0.1:9/0", db, redis_timeout_s=0.5))
+    dead = create_app(settings("redis://127.0.0.1:9/0", db, socket_timeout_s=0.5))
     t0 = time.monotonic()
     async with AsyncTestClient(dead) as c:
         headers = await login(c, uid("u"))  # PostgreSQL only

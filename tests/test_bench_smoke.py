@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.bench import run_durability_bench, run_engine_bench
+from benchmarks.engine_bench import run_durability_bench, run_engine_bench
 
 pytestmark = pytest.mark.slow
 

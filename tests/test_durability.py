@@ -10,7 +10,7 @@ import pytest
 
 from engine import Engine, Held
 from engine.scripts import NotDurable
-from engine.servers import RedisServer
+from engine.testing.servers import RedisServer
 from tests.enginekit import config, make_spec
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 
 from engine import Booked, Engine, Held
 from engine.keys import PartitionKeys
-from engine.servers import RedisServer
+from engine.testing.servers import RedisServer
 from tests.enginekit import config, make_spec
 from tests.faultproxy import FaultProxy
 

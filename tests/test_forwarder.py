@@ -16,8 +16,8 @@ import pytest
 from engine import Engine
 from engine.forwarder import ForwarderConfig, HisForwarder, his_lag
 from engine.his import FhirHisClient
-from engine.his.simulator import SimConfig, SimulatorProcess
 from engine.schedule_import import import_sessions
+from engine.testing.his_simulator import SimConfig, SimulatorProcess
 from tests.enginekit import book_many, drain, make_spec
 
 
@@ -215,7 +215,7 @@ async def test_rejection_is_compensated(
     assert await admin.appointments() == {}
     for bid in ids:
         rec = await eng.record(bid)
-        assert rec is not None and rec["st"] == "c"
+        assert rec is not None and rec.state == "c"
     audit = await eng.audit("S1")
     assert audit.ok and audit.booked == 0 and audit.free == audit.capacity
     assert await his_statuses(db) == dict.fromkeys(ids, "rejected")

@@ -39,7 +39,7 @@ from engine.his.fhir_resources import (
     reason_of,
     schedule_resources,
 )
-from engine.his.simulator import SimConfig, SimulatorProcess, create_his_app, free_port
+from engine.testing.his_simulator import SimConfig, SimulatorProcess, create_his_app, free_port
 
 PATIENT = "hk1." + "9f" * 30  # an opaque keyed hash, never an ID number
 

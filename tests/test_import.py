@@ -14,7 +14,6 @@ import pytest
 
 from engine import Booked, Engine, Held
 from engine.his import FhirHisClient, HisSchedule, HisSlot
-from engine.his.simulator import SimConfig, SimulatorProcess
 from engine.schedule_import import (
     CST,
     ScheduleFileError,
@@ -22,6 +21,7 @@ from engine.schedule_import import (
     import_sessions,
     load_json_file,
 )
+from engine.testing.his_simulator import SimConfig, SimulatorProcess
 from tests.enginekit import make_spec
 
 

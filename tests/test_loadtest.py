@@ -424,8 +424,8 @@ async def test_spike_end_to_end(
         pytest.skip(why)
     import httpx
 
-    from engine.servers import free_port
     from engine.store.migrate import migrate
+    from engine.testing.servers import free_port
 
     await migrate(fresh_pg_dsn)
     port = free_port()

@@ -22,9 +22,9 @@ from api.app import create_app
 from engine.engine import Engine, EngineConfig
 from engine.forwarder import ForwarderConfig, HisForwarder
 from engine.his.fhir import FhirHisClient
-from engine.his.simulator import SimConfig, SimulatorProcess
-from engine.servers import find_postgres_bindir
 from engine.store.migrate import migrate
+from engine.testing.his_simulator import SimConfig, SimulatorProcess
+from engine.testing.servers import find_postgres_bindir
 from engine.writer import OutboxWriter, WriterConfig
 from tests.apikit import import_sessions, login, national_id, pay, settings
 from tests.enginekit import make_spec

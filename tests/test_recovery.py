@@ -307,7 +307,7 @@ async def test_the_writer_closes_a_partition_whose_redis_lost_its_newest_writes(
     import shutil
 
     from engine.schedule_import import import_sessions
-    from engine.servers import RedisServer
+    from engine.testing.servers import RedisServer
 
     spec = make_spec("S1", caps=(20,))
     redis = RedisServer(appendonly=True, appendfsync="always")

@@ -20,8 +20,8 @@ import msgspec
 import pytest
 
 from engine import Engine
-from engine.servers import RedisServer
 from engine.store.migrate import migrate
+from engine.testing.servers import RedisServer
 from tests.apikit import (
     ROOT,
     bind,

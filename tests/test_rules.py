@@ -71,8 +71,8 @@ async def test_waitlist_offers_returned_units_in_order(eng: Engine) -> None:
     offers = [e for e in await events(eng, "S1") if e["t"] == "waitlist_offer"]
     assert [e["pat"] for e in offers] == ["p2"]
     offer = await eng.record(offers[0]["id"])
-    assert offer is not None and offer["st"] == "h" and offer["wl"] == 1
-    assert offer["dl"] - offer["at"] == 60_000
+    assert offer is not None and offer.state == "h" and offer.waitlist_offer == 1
+    assert offer.deadline_ms - offer.at_ms == 60_000
 
     # p2 does not pay: the offer passes to p3, who pays.
     eng.config.clock_offset_ms = 61_000

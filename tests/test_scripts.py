@@ -252,7 +252,7 @@ async def test_hold_reclaims_expired_holds_on_the_way(eng: Engine) -> None:
     h2 = await eng.hold("S1", "0800", patient="p2", account="a2")
     assert isinstance(h2, Held) and h2.unit == h.unit
     rec = await eng.record(h.hold_id)
-    assert rec is not None and rec["st"] == "x"
+    assert rec is not None and rec.state == "x"
     assert (await eng.audit("S1")).ok
 
 
@@ -745,7 +745,7 @@ async def test_restore_booking_every_outcome(eng: Engine) -> None:
     # The unit still held by this very hold (its confirmation lost): booked now.
     assert await _restore(eng, h.hold_id, h.unit, pat="p1") is Restore.RESTORED
     rec = await eng.record(h.hold_id)
-    assert rec is not None and rec["st"] == "b"
+    assert rec is not None and rec.state == "b"
     assert await eng.client.zscore(ref.keys.deadlines, h.hold_id) is None  # no expiry now
     # Another hold on the unit, never paid as far as PostgreSQL knows: displaced.
     other = await eng.hold("S1", "0800", patient="p2", account="a2")
@@ -753,7 +753,7 @@ async def test_restore_booking_every_outcome(eng: Engine) -> None:
     winner = f"{part}.S1.{now_ms() * 1000 + 2 * 10**9}"
     assert await _restore(eng, winner, other.unit, pat="p3") is Restore.RESTORED
     gone = await eng.record(other.hold_id)
-    assert gone is not None and gone["st"] == "x" and gone["rsn"] == "displaced"
+    assert gone is not None and gone.state == "x" and gone.reason == "displaced"
     late = await eng.confirm(other.hold_id, "pay-late")  # its payment finds another unit
     assert isinstance(late, Booked) and late.late and late.unit != other.unit
     # A unit booked by another booking: a conflict, nothing changes.

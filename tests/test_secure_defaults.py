@@ -26,7 +26,7 @@ from api.app import create_app
 from api.auth import TokenSigner, sign_payment
 from api.settings import Settings, SettingsError
 from engine.pii import Crypto
-from engine.servers import free_port
+from engine.testing.servers import free_port
 from tests.apikit import ROOT
 from tests.enginekit import new_database
 

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 
-from engine.servers import (
+from engine.testing.servers import (
     PostgresServer,
     RedisServer,
     ServerError,

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import hypothesis.strategies as st
-import msgspec
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from engine import Booked, Cancelled, Engine, Held, Reason, Refused, Released, Waitlisted
 from engine.model import SessionSpec, SlotSpec
+from engine.outcomes import decode_record
 from tests.enginekit import config
 
 pytestmark = pytest.mark.slow
@@ -154,14 +154,14 @@ class EngineMachine(RuleBasedStateMachine):
     def _sync_offers(self) -> None:
         """Offers are holds the engine made: learn their ids and deadlines."""
         snap = self.run(self.eng.snapshot("S1"))
-        used = {int(u): (rid, msgspec.json.decode(raw)) for u, raw, rid in snap["used"]}
+        used = {int(u): (rid, decode_record(raw)) for u, raw, rid in snap["used"]}
         for unit, rid in list(self.m.units.items()):
             if not rid.startswith("offer:"):
                 continue
             real, rec = used[unit]
             mrec = self.m.recs.pop(rid)
-            assert rec["pat"] == mrec.pat and rec.get("wl") == 1
-            mrec.id, mrec.dl = real, int(rec["dl"])
+            assert rec.patient == mrec.pat and rec.waitlist_offer == 1
+            mrec.id, mrec.dl = real, rec.deadline_ms
             self.m.recs[real] = mrec
             self.m.units[unit] = real
             if self.m.rule.get(mrec.pat) == rid:

@@ -33,9 +33,9 @@ from engine.pii import (
     redact,
     redact_processor,
 )
-from engine.servers import find_postgres_bindir
 from engine.store import queries as q
 from engine.store.migrate import MigrationError, load, migrate
+from engine.testing.servers import find_postgres_bindir
 
 # ------------------------------------------------------------------ helpers
 

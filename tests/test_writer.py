@@ -13,8 +13,8 @@ import pytest
 
 from engine import Booked, Engine, Held
 from engine.keys import PartitionKeys
-from engine.servers import PostgresServer, RedisServer
 from engine.store.migrate import migrate
+from engine.testing.servers import PostgresServer, RedisServer
 from engine.writer import GROUP, OutboxWriter, WriterConfig, outbox_lag
 from tests.enginekit import book_many, config, drain, make_spec
 
@@ -85,12 +85,14 @@ async def test_conflict_is_recorded_and_compensated(eng: Engine, db: asyncpg.Poo
     # Simulate the lost write: the session's Redis state forgets the booking.
     rec = await eng.record(first)
     assert rec is not None
-    await eng.client.hdel(ref.keys.units, str(rec["unit"]))
-    await eng.client.zadd(ref.keys.free, {str(rec["unit"]): 1_000_000 + rec["unit"]})
+    assert rec is not None
+    await eng.client.hdel(ref.keys.units, str(rec.unit))
+    await eng.client.zadd(ref.keys.free, {str(rec.unit): 1_000_000 + rec.unit})
     await eng.client.hdel(PartitionKeys(ref.partition).records, first)
     await eng.client.delete(ref.rule_key)
     [second] = await book_many(eng, "S1", 1, prefix="other")
-    assert (await eng.record(second) or {})["unit"] == rec["unit"]
+    second_rec = await eng.record(second)
+    assert second_rec is not None and second_rec.unit == rec.unit
     w = await drain(eng, db)
     assert w.conflicts == 1
     row = await db.fetchrow("SELECT status FROM bookings WHERE id=$1", second)
@@ -98,7 +100,7 @@ async def test_conflict_is_recorded_and_compensated(eng: Engine, db: asyncpg.Poo
     assert await db.fetchval("SELECT winner_booking_id FROM booking_conflicts") == first
     assert await db.fetchval("SELECT reason FROM refunds WHERE booking_id=$1", second) == "conflict"
     restored = await eng.record(first)
-    assert restored is not None and restored["st"] == "b" and restored["unit"] == rec["unit"]
+    assert restored is not None and restored.state == "b" and restored.unit == rec.unit
     audit = await eng.audit("S1")
     assert audit.ok and audit.booked == 1 and first in audit.booked_units
 

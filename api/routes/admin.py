@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, get, post, put
-from litestar.params import Parameter
+from litestar.params import QueryParameter
 
 from api import catalog
 from api.context import api_of
@@ -71,8 +71,6 @@ class AdminBookingOut(msgspec.Struct, frozen=True, kw_only=True):
 _MAX_IMPORT = 500
 SessionList = Annotated[list[SessionSpec], msgspec.Meta(min_length=1, max_length=_MAX_IMPORT)]
 _OPERATOR = staff_required("operator")
-_STATES = {"h": "held", "b": "booked", "x": "expired", "v": "released", "c": "cancelled",
-           "r": "refund_due"}
 
 
 class AdminController(Controller):
@@ -88,8 +86,8 @@ class AdminController(Controller):
         self,
         request: Request[Any, Any, Any],
         data: SessionList,
-        with_rules: Annotated[bool, Parameter(
-            query="apply_rules",
+        with_rules: Annotated[bool, QueryParameter(
+            name="apply_rules",
             description="Apply the stored rules of each session's hospital and department"
                         " (release calendar, cut-off, pools, waitlist, deadlines)")] = False,
     ) -> Imported:
@@ -202,11 +200,9 @@ class AdminController(Controller):
                 payment_ref=row.payment_ref, persisted=True, status=row.status,
                 his_status=row.his_status, his_id=row.his_id)
         return AdminBookingOut(
-            booking_id=rec["id"], session_id=rec["sid"], slot_id=rec["slot"],
-            unit=int(rec["unit"]), account_id=str(rec.get("acct", "")),
-            state=_STATES.get(str(rec.get("st")), str(rec.get("st"))),
-            fee=int(rec["fee"]) if rec.get("fee") is not None else None,
-            payment_ref=rec.get("pay") or None, persisted=row is not None,
+            booking_id=rec.id, session_id=rec.session_id, slot_id=rec.slot_id,
+            unit=rec.unit, account_id=rec.account, state=rec.state.label, fee=rec.fee,
+            payment_ref=rec.payment_ref or None, persisted=row is not None,
             status=None if row is None else row.status,
             his_status=None if row is None else row.his_status,
             his_id=None if row is None else row.his_id)

@@ -12,7 +12,7 @@ import time
 from typing import Annotated, Any
 
 from litestar import Controller, Request, post
-from litestar.params import Parameter
+from litestar.params import QueryParameter
 from redis.exceptions import RedisError
 
 from api.auth import InvalidLoginCode, LoginUnavailable
@@ -80,8 +80,8 @@ class AuthController(Controller):
     async def logout(
         self,
         request: Request[Any, Any, Any],
-        everywhere: Annotated[bool, Parameter(
-            query="everywhere",
+        everywhere: Annotated[bool, QueryParameter(
+            name="everywhere",
             description="Revoke every token of the account, not only this one")] = False,
     ) -> None:
         """The token fails on every worker at once (401), also for holds."""

@@ -20,13 +20,13 @@ from api.guards import account_of, account_required
 from api.problems import json_response, refused
 from api.routes.holds import not_found, own_record, recovering_or_not_found, shed
 from api.schemas import HOLD_ID_RE, BookingOut, CancelledOut
-from engine.outcomes import Reason, Refused
+from engine.outcomes import Reason, RecordState, Refused
 from engine.store import queries as q
 
 log = structlog.get_logger("haoyuan.api")
 _encode = msgspec.json.Encoder().encode
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_BOOKED_STATES = {"b": "booked", "c": "cancelled", "r": "refund_due"}
+_BOOKED_STATES = frozenset({RecordState.BOOKED, RecordState.CANCELLED, RecordState.REFUND_DUE})
 
 
 def _ms(t: dt.datetime | None) -> int | None:
@@ -58,19 +58,17 @@ class BookingController(Controller):
         api = api_of(request)
         path: str = request.scope["path"]
         rec = await own_record(api, booking_id, account_of(request), path)
-        status = _BOOKED_STATES.get(str(rec.get("st")))
-        if status is None:
+        if rec.state not in _BOOKED_STATES:
             raise not_found(path, "booking")
+        status = rec.state.label
         row = await q.booking_by_id(api.pool, booking_id)
         return BookingOut(
-            booking_id=rec["id"], session_id=rec["sid"], slot_id=rec["slot"],
-            unit=int(rec["unit"]), status=status,  # type: ignore[arg-type]
-            fee=int(rec["fee"]) if rec.get("fee") is not None else None,
-            booked_at_ms=int(rec["bt"]) if rec.get("bt") else None,
-            cancelled_at_ms=int(rec["ended"]) if status == "cancelled" and rec.get("ended")
-            else None,
+            booking_id=rec.id, session_id=rec.session_id, slot_id=rec.slot_id,
+            unit=rec.unit, status=status,  # type: ignore[arg-type]
+            fee=rec.fee, booked_at_ms=rec.booked_at_ms or None,
+            cancelled_at_ms=rec.ended_ms or None if status == "cancelled" else None,
             his_status=None if row is None else row.his_status,
-            late=bool(rec.get("late")),
+            late=bool(rec.late),
         )
 
     @post("/{booking_id:str}/cancel", status_code=200, responses=errors(401, 404, 409, 429),

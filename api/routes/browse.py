@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, get
-from litestar.params import Parameter
+from litestar.params import QueryParameter
 
 from api import catalog
 from api.context import Api, api_of
@@ -85,11 +85,11 @@ class CatalogController(Controller):
     async def sessions(
         self,
         request: Request[Any, Any, Any],
-        date_from: Annotated[dt.date, Parameter(query="from", description="first date")],
-        date_to: Annotated[dt.date, Parameter(query="to", description="last date (31 days)")],
-        hospital: Annotated[str | None, Parameter(query="hospital", max_length=64)] = None,
-        dept: Annotated[str | None, Parameter(query="dept", max_length=64)] = None,
-        doctor: Annotated[str | None, Parameter(query="doctor", max_length=64)] = None,
+        date_from: Annotated[dt.date, QueryParameter(name="from", description="first date")],
+        date_to: Annotated[dt.date, QueryParameter(name="to", description="last date (31 days)")],
+        hospital: Annotated[str | None, QueryParameter(name="hospital", max_length=64)] = None,
+        dept: Annotated[str | None, QueryParameter(name="dept", max_length=64)] = None,
+        doctor: Annotated[str | None, QueryParameter(name="doctor", max_length=64)] = None,
     ) -> Response[list[SessionOut]]:
         api = api_of(request)
         if date_to < date_from or (date_to - date_from).days >= catalog.MAX_DAYS:

@@ -30,7 +30,7 @@ from typing import Annotated, Any
 import msgspec
 import structlog
 from litestar import Controller, Request, Response, delete, get, post
-from litestar.params import Parameter
+from litestar.params import HeaderParameter
 
 from api.auth import Bearer
 from api.context import Api, api_of
@@ -38,15 +38,13 @@ from api.docs import ACCOUNT, PAYMENT, errors
 from api.guards import account_of, account_required, bearer_of, payment_signed
 from api.problems import REASONS, ProblemError, json_response, problem, refused, retry_after
 from api.schemas import HOLD_ID_RE, BookingOut, HoldIn, HoldOut, HoldView, PaymentIn, ReleasedOut
-from engine.outcomes import MESSAGES, Held, Reason, Refused
+from engine.outcomes import MESSAGES, Held, Reason, Record, RecordState, Refused
 from engine.store import payments
 
 log = structlog.get_logger("haoyuan.api")
 _encode = msgspec.json.Encoder().encode
 _NOT_OPEN = REASONS[Reason.NOT_OPEN]
 _SOLD_OUT = REASONS[Reason.SOLD_OUT]
-_STATES = {"h": "held", "b": "booked", "x": "expired", "v": "released", "c": "cancelled",
-           "r": "refund_due"}
 _REPLAYED = {"Idempotent-Replayed": "true"}
 _BEARER = {"WWW-Authenticate": 'Bearer realm="haoyuan"'}
 
@@ -75,12 +73,12 @@ def recovering_now(api: Api) -> Refused:
     return Refused(Reason.RECOVERING, api.clock.now_ms(), MESSAGES[Reason.RECOVERING])
 
 
-async def own_record(api: Api, record_id: str, account: str, path: str) -> dict[str, Any]:
+async def own_record(api: Api, record_id: str, account: str, path: str) -> Record:
     """The account's own hold or booking record; anything else is a 404."""
     rec = None if not HOLD_ID_RE.fullmatch(record_id) else await api.engine.record(record_id)
     if rec is None:
         raise await recovering_or_not_found(api, record_id, path, "hold or booking")
-    if rec.get("acct") != account:
+    if rec.account != account:
         raise not_found(path, "hold or booking")
     return rec
 
@@ -165,8 +163,8 @@ class HoldController(Controller):
         self,
         request: Request[Any, Any, Any],
         data: HoldIn,
-        idempotency_key: Annotated[str | None, Parameter(
-            header="Idempotency-Key", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        idempotency_key: Annotated[str | None, HeaderParameter(
+            name="Idempotency-Key", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]{1,64}$",
             description="Send the same key on a retry: it returns the first answer")] = None,
     ) -> Response[HoldOut]:
         """201 with the hold (pay before ``expires_at_ms``); 409 not-open (with
@@ -184,12 +182,11 @@ class HoldController(Controller):
     async def view(self, request: Request[Any, Any, Any], hold_id: str) -> HoldView:
         api = api_of(request)
         rec = await own_record(api, hold_id, account_of(request), request.scope["path"])
-        st = _STATES.get(str(rec.get("st")), "held")
+        held = rec.state is RecordState.HELD
         return HoldView(
-            hold_id=rec["id"], session_id=rec["sid"], slot_id=rec["slot"], unit=int(rec["unit"]),
-            state=st,  # type: ignore[arg-type]
-            expires_at_ms=int(rec["dl"]) if st == "held" else None,
-            fee=int(rec["fee"]) if rec.get("fee") is not None else None,
+            hold_id=rec.id, session_id=rec.session_id, slot_id=rec.slot_id, unit=rec.unit,
+            state=rec.state.label,  # type: ignore[arg-type]
+            expires_at_ms=rec.deadline_ms if held else None, fee=rec.fee,
         )
 
     @delete("/{hold_id:str}", status_code=200, before_request=account_required, security=ACCOUNT,
@@ -236,8 +233,8 @@ class HoldController(Controller):
             raise await recovering_or_not_found(api, hold_id, path, "hold")
         log.info("payment_callback", hold_id=hold_id, payment_ref=data.payment_ref,
                  amount=data.amount)
-        fee = rec.get("fee")
-        if fee is not None and int(fee) != data.amount:
+        fee = rec.fee
+        if fee is not None and fee != data.amount:
             api.metrics.decision("confirm", "amount-mismatch")
             return problem("amount-mismatch", f"the fee of this hold is {int(fee)}",
                            instance=path)

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post, put
-from litestar.params import Parameter
+from litestar.params import HeaderParameter
 
 from api import catalog
 from api.context import api_of
@@ -132,8 +132,8 @@ class RulesController(Controller):
         self,
         request: Request[Any, Any, Any],
         data: StaffHoldIn,
-        idempotency_key: Annotated[str | None, Parameter(
-            header="Idempotency-Key", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        idempotency_key: Annotated[str | None, HeaderParameter(
+            name="Idempotency-Key", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]{1,64}$",
             description="Send the same key on a retry: it returns the first answer")] = None,
     ) -> Response[HoldOut]:
         """Draws from the channel's pool first, then the public pool (after the

@@ -1,6 +1,6 @@
 """The HIS side: the contract, a FHIR R4 client, retry policy and a simulator.
 
-``engine.his.simulator`` (Litestar, granian) is imported on demand only.
+``engine.testing.his_simulator`` (Litestar, granian) is imported on demand only.
 """
 
 from engine.his.base import (

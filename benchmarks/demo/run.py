@@ -9,7 +9,7 @@ runs the audit, stops everything it started and prints a report (with a
 JSON summary and PNG plots under ``--out``).
 
 The spike runs patients as asyncio tasks against the HTTP API when it is
-available (``engine.demo_http``), else through the engine in process.
+available (``benchmarks.demo.http``), else through the engine in process.
 Load generator and server share this machine's cores: the figures say so.
 """
 
@@ -29,11 +29,12 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from benchmarks.demo.hospital import demo_sessions, zipf_weights
 from engine.audit import run_audit
-from engine.demo_hospital import demo_sessions, zipf_weights
 from engine.engine import Engine, EngineConfig
 from engine.model import SessionSpec
 from engine.outcomes import Held, Reason
+from engine.sweeper import Sweeper
 from engine.writer import OutboxWriter, WriterConfig, outbox_lag
 
 
@@ -76,9 +77,9 @@ class Stack:
 async def start_stack(*, say: Any) -> AsyncIterator[Stack]:
     from engine.forwarder import ForwarderConfig, HisForwarder
     from engine.his.fhir import FhirHisClient
-    from engine.his.simulator import SimConfig, SimulatorProcess
-    from engine.servers import PostgresServer, RedisServer
     from engine.store.migrate import migrate
+    from engine.testing.his_simulator import SimConfig, SimulatorProcess
+    from engine.testing.servers import PostgresServer, RedisServer
 
     started: list[Any] = []
     try:
@@ -116,7 +117,7 @@ async def start_stack(*, say: Any) -> AsyncIterator[Stack]:
             stack.tasks += [
                 asyncio.create_task(writer.run(stack.stop)),
                 asyncio.create_task(fwd.run(stack.stop)),
-                asyncio.create_task(_sweeper(eng, stack.stop)),
+                asyncio.create_task(Sweeper(eng, interval_s=0.5).run(stack.stop)),
             ]
             say("writer, HIS forwarder and sweeper running")
             try:
@@ -134,14 +135,6 @@ async def start_stack(*, say: Any) -> AsyncIterator[Stack]:
                 cleanup = getattr(s, "cleanup", None)
                 if cleanup is not None:
                     await asyncio.to_thread(cleanup)
-
-
-async def _sweeper(eng: Engine, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        with contextlib.suppress(Exception):
-            await eng.sweep()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.5)
 
 
 # -- the spike through the engine (in process) ---------------------------------------
@@ -351,7 +344,7 @@ FULL_HTTP = (Scale(departments=8, doctors_per_dept=4, slots_per_session=6, units
 async def run_demo(*, quick: bool = False, json_only: bool = False,
                    out_dir: str = "reports/demo", seed: int = 1,
                    engine_only: bool = False) -> dict[str, Any]:
-    from engine import demo_http
+    from benchmarks.demo import http as demo_http
 
     use_http = not engine_only and demo_http.available()
     scale, hscale = (QUICK_HTTP if quick else FULL_HTTP) if use_http else (
@@ -361,7 +354,8 @@ async def run_demo(*, quick: bool = False, json_only: bool = False,
         if not json_only:
             print(f"[demo] {msg}", flush=True)
 
-    out = Path(out_dir)
+    # Absolute: the Locust child and the plots run in other working directories.
+    out = Path.cwd() / out_dir  # an absolute out_dir stays as it is
     await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
     # The workers' routine retries (HIS answering 500 now and then) are not news here.
     logging.getLogger("haoyuan").setLevel(logging.WARNING)
@@ -440,7 +434,7 @@ async def run_demo(*, quick: bool = False, json_only: bool = False,
         summary = _summary(stats, scale, specs, report, his_report, sampled,
                            len(crowd.wanting), release_at - t0, spike_end - t0, locust)
     try:
-        from engine.demo_report import plot
+        from benchmarks.demo.report import plot
 
         summary["plots"] = await asyncio.to_thread(
             plot, stats.timeline, sampled.get("series", []), release_at - t0, out,

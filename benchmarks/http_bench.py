@@ -49,7 +49,7 @@ import msgspec
 from engine.engine import Engine, EngineConfig
 from engine.model import SessionSpec, SlotSpec
 from engine.pii import check_digit
-from engine.servers import PostgresServer, RedisServer, free_port
+from engine.testing.servers import PostgresServer, RedisServer, free_port
 
 __all__ = ["run_http_bench"]
 
@@ -325,7 +325,7 @@ async def run_http_bench(quick: bool = False, *, workers: int = 2,
     except Exception:
         with contextlib.suppress(OSError):
             tail = (tmp / "server.log").read_text(errors="replace")[-3000:]
-            print(f"api.bench: server log tail:\n{tail}", file=sys.stderr)
+            print(f"benchmarks.http_bench: server log tail:\n{tail}", file=sys.stderr)
         raise
     finally:
         if server is not None:

@@ -25,7 +25,7 @@ from engine import keys as K
 from engine.engine import Engine, EngineConfig
 from engine.model import SessionSpec, SlotSpec
 from engine.outcomes import Held, Reason
-from engine.servers import RedisServer
+from engine.testing.servers import RedisServer
 
 UNITS_PER_SESSION = 9999
 

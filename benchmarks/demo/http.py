@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 
-from engine.servers import free_port
+from engine.testing.servers import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (or site-packages)
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 
 

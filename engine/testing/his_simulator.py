@@ -21,7 +21,7 @@ commit. ``reject_doctors`` and ``reject_patients`` refuse new appointments
 with 422 and an OperationOutcome coded ``doctor_stopped`` or
 ``patient_unknown`` (a retry of an appointment already made still gets 200).
 
-Run it: ``python -m engine.his.simulator --port 8090 [--config JSON]``
+Run it: ``python -m engine.testing.his_simulator --port 8090 [--config JSON]``
 (granian, loopback by default), or from tests :class:`SimulatorProcess`.
 """
 
@@ -483,7 +483,7 @@ def run_simulator(
 
     os.environ[_CONFIG_ENV] = msgspec.json.encode(config or SimConfig()).decode()
     Granian(
-        target="engine.his.simulator:app_from_env",
+        target="engine.testing.his_simulator:app_from_env",
         factory=True,
         address=host,
         port=port,
@@ -545,7 +545,7 @@ class SimulatorProcess:
         cmd = [
             sys.executable,
             "-m",
-            "engine.his.simulator",
+            "engine.testing.his_simulator",
             "--host",
             self.host,
             "--port",
