@@ -10,11 +10,16 @@ tops out near a third of what Redis can run). Calls made while a pipeline is
 in flight wait in a queue and go out together in the next pipeline, so under
 load one round trip carries many decisions and at rest a call goes out at
 once. The pipeline is not a transaction: each script is atomic on its own.
+On a Redis Cluster the batch splits by the node that owns each call's slot
+(every key of a call shares one hash tag): one pipeline per node, sent at
+once; MOVED and ASK answers, and a node lost to a failover, send those calls
+again once the slot map was read again (every script is idempotent).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 from collections.abc import Sequence
@@ -139,7 +144,8 @@ class ScriptRunner:
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self.scripts = scripts or load_scripts()
-        self.batch = batch and not isinstance(client, RedisCluster)
+        self.batch = batch
+        self.cluster = isinstance(client, RedisCluster)
         self.max_batch = max_batch
         self.in_flight = in_flight
         self._queue: list[_Pending] = []
@@ -170,7 +176,7 @@ class ScriptRunner:
         script = self._check(name, keys)
         if not self.batch:
             if self.wait_replicas:
-                raise RuntimeError("durability 'wait' needs batching (single node client)")
+                raise RuntimeError("durability 'wait' needs batching")
             return await self._run_one(script, keys, args)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((script, keys, args, fut))
@@ -231,26 +237,97 @@ class ScriptRunner:
     async def _pipeline_retrying(self, batch: list[_Pending]) -> list[Any]:
         # Every script is idempotent (request ids, hold ids), so a batch whose
         # connection broke may run again; a reply lost mid-way is replayed.
+        # On a cluster a failover takes a few node timeouts: more attempts,
+        # each after the slot map was read again.
         delay = 0.05
-        for attempt in range(4):
+        attempts = 8 if self.cluster else 4
+        for attempt in range(attempts):
             try:
+                if self.cluster:
+                    return await self._pipeline_cluster(batch)
                 return await self._pipeline(batch)
             except (RedisConnectionError, RedisTimeoutError, OSError):
-                if attempt == 3:
+                if attempt == attempts - 1:
                     raise
                 await asyncio.sleep(delay)
-                delay *= 2
+                delay = min(delay * 2, 1.0)
+                if self.cluster:
+                    await self._refresh_slots()
         raise AssertionError("unreachable")
+
+    async def _refresh_slots(self) -> None:
+        """Read the cluster's slot map again (after MOVED, ASK or a failover)."""
+        assert isinstance(self.client, RedisCluster)
+        with contextlib.suppress(Exception):
+            await self.client.nodes_manager.initialize()
+
+    async def _pipeline_cluster(self, batch: list[_Pending]) -> list[Any]:
+        """On a Redis Cluster: one pipeline per node that owns the calls'
+        slots, sent at once, each with our own RESP packing (as ``_pipeline``).
+        A call answered MOVED or ASK (a slot moving, a failover) runs again
+        once the slot map was read again: every script is idempotent."""
+        assert isinstance(self.client, RedisCluster)
+        out: list[Any] = [None] * len(batch)
+        todo = list(range(len(batch)))
+        for round_ in range(6):
+            groups: dict[str, tuple[Any, list[int]]] = {}
+            for i in todo:
+                keys = batch[i][1]
+                node = (self.client.get_node_from_key(keys[0]) if keys
+                        else self.client.get_default_node())
+                if node is None:
+                    raise RedisConnectionError("no node owns the slot (the cluster is moving)")
+                groups.setdefault(node.name, (node, []))[1].append(i)
+            await asyncio.gather(*(self._node_pipeline(node, [batch[i] for i in idx], idx, out)
+                                   for node, idx in groups.values()))
+            todo = [i for i in todo if isinstance(out[i], ResponseError)
+                    and str(out[i]).startswith(("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN"))]
+            if not todo:
+                return out
+            await self._refresh_slots()
+            await asyncio.sleep(0.05 * (round_ + 1))
+        return out
+
+    async def _node_pipeline(self, node: Any, calls: list[_Pending], idx: list[int],
+                             out: list[Any]) -> None:
+        packed = b"".join(pack_evalsha(s.sha_b, keys, args) for s, keys, args, _ in calls)
+        if self.wait_replicas:
+            packed += _wait_command(self.wait_replicas, self.wait_timeout_ms)
+        conn = node.acquire_connection()
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+            got: list[Any] = []
+            for _ in calls:
+                try:
+                    got.append(await conn.read_response())
+                except ResponseError as exc:  # an error reply: the stream stays aligned
+                    got.append(exc)
+            if self.wait_replicas:
+                got = self._durable(calls, got, int(await conn.read_response()))
+            for i, r in zip(idx, got, strict=True):
+                out[i] = r
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            node.release(conn)
+
+    def _durable(self, calls: list[_Pending], got: list[Any], acked: int) -> list[Any]:
+        """The replies of a batch that ended with WAIT: writes that too few
+        replicas acknowledged become ``NotDurable`` (reads stay)."""
+        if acked >= self.wait_replicas:
+            return got
+        err = NotDurable(f"{acked} of {self.wait_replicas} replicas acknowledged")
+        return [r if isinstance(r, Exception) or calls[i][0].read_only else err
+                for i, r in enumerate(got)]
 
     async def _pipeline(self, batch: list[_Pending]) -> list[Any]:
         """One round trip on a raw pooled connection: our own RESP packing
         (redis-py's generic packer was two thirds of the CPU per decision)."""
         packed = b"".join(pack_evalsha(s.sha_b, keys, args) for s, keys, args, _ in batch)
         if self.wait_replicas:
-            packed += b"*3\r\n$4\r\nWAIT\r\n" + b"".join(
-                b"$%d\r\n%b\r\n" % (len(v), v)
-                for v in (str(self.wait_replicas).encode(), str(self.wait_timeout_ms).encode()))
-        assert isinstance(self.client, Redis)  # batching is off for RedisCluster
+            packed += _wait_command(self.wait_replicas, self.wait_timeout_ms)
+        assert isinstance(self.client, Redis)  # a cluster goes through _pipeline_cluster
         pool = self.client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
@@ -262,17 +339,19 @@ class ScriptRunner:
                 except ResponseError as exc:  # an error reply: the stream stays aligned
                     out.append(exc)
             if self.wait_replicas:
-                acked = int(await conn.read_response())
-                if acked < self.wait_replicas:
-                    err = NotDurable(f"{acked} of {self.wait_replicas} replicas acknowledged")
-                    out = [r if isinstance(r, Exception) or batch[i][0].read_only else err
-                           for i, r in enumerate(out)]
+                out = self._durable(batch, out, int(await conn.read_response()))
             return out
         except BaseException:
             await conn.disconnect()
             raise
         finally:
             await pool.release(conn)
+
+
+def _wait_command(replicas: int, timeout_ms: int) -> bytes:
+    """RESP for ``WAIT replicas timeout``."""
+    return b"*3\r\n$4\r\nWAIT\r\n" + b"".join(
+        b"$%d\r\n%b\r\n" % (len(v), v) for v in (str(replicas).encode(), str(timeout_ms).encode()))
 
 
 def pack_evalsha(sha: bytes, keys: Sequence[str], args: Sequence[Arg]) -> bytes:

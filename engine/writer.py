@@ -26,6 +26,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
+from redis.asyncio.cluster import RedisCluster
 
 from engine import keys as K
 from engine.engine import Engine, _txt
@@ -221,13 +222,7 @@ class OutboxWriter:
             self._last_claim = loop.time()
             entries += await self._claim()
         if not entries:
-            res: Any = await self.client.xreadgroup(
-                GROUP, self.config.consumer, {s: ">" for s in self.streams},
-                count=self.config.batch_size, block=self.config.block_ms,
-            )
-            for stream, items in res or []:
-                for eid, fields in items:
-                    entries.append((_txt(stream), _txt(eid), fields))
+            entries = await self._read_new()
         if not entries:
             if self.config.trim_interval_s > 0 and \
                     loop.time() - self._last_trim >= self.config.trim_interval_s:
@@ -277,6 +272,34 @@ class OutboxWriter:
         for s, low in need.items():
             pipe.xtrim(s, minid=f"{low[0]}-{low[1]}", approximate=False)
         return sum(int(n) for n in await pipe.execute() if isinstance(n, int))
+
+    async def _read_new(self) -> list[tuple[str, str, dict[Any, Any]]]:
+        """New entries of every stream. One blocking XREADGROUP over all the
+        streams on one Redis; on a cluster, where one command may not cross
+        hash slots, one XREADGROUP per stream, pipelined per node by the
+        cluster client (which follows slot moves and failovers), and a short
+        sleep when nothing came."""
+        entries: list[tuple[str, str, dict[Any, Any]]] = []
+        if not isinstance(self.client, RedisCluster):
+            res: Any = await self.client.xreadgroup(
+                GROUP, self.config.consumer, {s: ">" for s in self.streams},
+                count=self.config.batch_size, block=self.config.block_ms,
+            )
+            for stream, items in res or []:
+                for eid, fields in items:
+                    entries.append((_txt(stream), _txt(eid), fields))
+            return entries
+        per_stream = max(1, self.config.batch_size // max(1, len(self.streams)) * 4)
+        pipe = self.client.pipeline(transaction=False)
+        for s in self.streams:
+            pipe.xreadgroup(GROUP, self.config.consumer, {s: ">"}, count=per_stream)
+        for res in await pipe.execute():
+            for stream, items in res or []:
+                for eid, fields in items:
+                    entries.append((_txt(stream), _txt(eid), fields))
+        if not entries:
+            await asyncio.sleep(self.config.block_ms / 1000)
+        return entries
 
     async def _claim(self) -> list[tuple[str, str, dict[Any, Any]]]:
         out: list[tuple[str, str, dict[Any, Any]]] = []

@@ -690,8 +690,10 @@ CLUSTER_SLOTS = 16384
 
 
 class RedisClusterServer(_StartCleanupContext):
-    """A loopback Redis Cluster of ``masters`` nodes (no replicas), each a RedisServer
-    in its own temp dir with its own ``nodes.conf``.
+    """A loopback Redis Cluster of ``masters`` primaries and ``replicas``
+    replicas per primary, each node a RedisServer in its own temp dir with its
+    own ``nodes.conf``. With replicas, killing a primary lets its replica take
+    over after ``node_timeout_ms`` (a failover).
 
     The cluster bus port is chosen explicitly (``cluster-port``) rather than the
     default port+10000, which can overflow 65535 for ephemeral ports.
@@ -701,6 +703,7 @@ class RedisClusterServer(_StartCleanupContext):
         self,
         masters: int = 3,
         *,
+        replicas: int = 0,
         appendonly: bool = False,
         appendfsync: str = "everysec",
         node_timeout_ms: int = 5000,
@@ -710,9 +713,10 @@ class RedisClusterServer(_StartCleanupContext):
         if masters < 3:
             raise ValueError("redis-cli --cluster create needs at least 3 masters")
         self.masters = masters
+        self.replicas = replicas
         self.start_timeout = start_timeout
         self.nodes: list[RedisServer] = []
-        for _ in range(masters):
+        for _ in range(masters * (1 + replicas)):
             config: dict[str, str | int] = {
                 "cluster-enabled": "yes",
                 "cluster-config-file": "nodes.conf",
@@ -727,7 +731,7 @@ class RedisClusterServer(_StartCleanupContext):
 
     @property
     def startup_nodes(self) -> list[tuple[str, int]]:
-        """(host, port) of every master; wrap in redis.cluster.ClusterNode for redis-py."""
+        """(host, port) of every node; wrap in redis.cluster.ClusterNode for redis-py."""
         return [(LOCALHOST, node.port) for node in self.nodes]
 
     @property
@@ -747,13 +751,33 @@ class RedisClusterServer(_StartCleanupContext):
         if not all(self._slots_ok(node) for node in self.nodes):
             self._create(max(1.0, deadline - time.monotonic()))
         self.wait_ok(max(1.0, deadline - time.monotonic()))
+        if self.replicas:
+            # A replica that never synced is never promoted: wait for every link.
+            _wait_until(self._replicas_synced, max(1.0, deadline - time.monotonic()),
+                        "redis cluster replicas in sync")
         return self
+
+    def wait_replicas_synced(self, timeout: float = 30.0) -> None:
+        """Every live replica's link to its primary is up (a restarted node
+        rejoins as a replica and syncs)."""
+        _wait_until(self._replicas_synced, timeout, "redis cluster replicas in sync")
+
+    def _replicas_synced(self) -> bool:
+        for node in self.alive():
+            try:
+                info = _parse_info(str(node.command("INFO", "replication", timeout=1.0)))
+            except (OSError, ServerError):
+                return False
+            if info.get("role") == "slave" and (info.get("master_link_status") != "up"
+                                                or info.get("master_sync_in_progress") != "0"):
+                return False
+        return True
 
     def _create(self, timeout: float) -> None:
         cli = _find_redis("redis-cli")
         cmd = [cli, "--cluster", "create"]
         cmd += [f"{LOCALHOST}:{node.port}" for node in self.nodes]
-        cmd += ["--cluster-replicas", "0", "--cluster-yes"]
+        cmd += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
         try:
             done = subprocess.run(
                 cmd,
@@ -783,7 +807,7 @@ class RedisClusterServer(_StartCleanupContext):
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Wait until every node reports cluster_state:ok, all slots covered and
         every node knows every other node."""
-        expected = str(self.masters)
+        expected = str(len(self.nodes))
 
         def ok() -> bool:
             for node in self.nodes:
@@ -811,6 +835,49 @@ class RedisClusterServer(_StartCleanupContext):
     def cleanup(self) -> None:
         for node in self.nodes:
             node.cleanup()
+
+    def alive(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.running]
+
+    def role(self, node: RedisServer) -> str:
+        """``master`` or ``slave`` as the node says (``""`` if it does not answer)."""
+        try:
+            return _parse_info(str(node.command("INFO", "replication", timeout=1.0))).get(
+                "role", "")
+        except (OSError, ServerError):
+            return ""
+
+    def primary_of(self, key: str) -> RedisServer:
+        """The live primary that owns ``key``'s hash slot."""
+        slot = int(str(self.alive()[0].command("CLUSTER", "KEYSLOT", key)))
+        for node in self.alive():
+            if self.role(node) != "master":
+                continue
+            for line in str(node.command("CLUSTER", "NODES")).splitlines():
+                f = line.split()
+                if "myself" in f[2] and "master" in f[2]:
+                    for r in f[8:]:
+                        lo, _, hi = r.partition("-")
+                        if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
+                            return node
+        raise ServerError(f"no live primary owns slot {slot}")
+
+    def wait_failover(self, key: str, timeout: float = 30.0) -> RedisServer:
+        """After ``key``'s primary died: wait until a live primary owns its
+        slot (its replica was promoted, after the node timeout and an
+        election) and every live node says the cluster is ok. Returns the new
+        primary."""
+        found: list[RedisServer] = []
+
+        def ok() -> bool:
+            try:
+                found[:] = [self.primary_of(key)]
+            except (ServerError, OSError):
+                return False
+            return all(self._slots_ok(n) for n in self.alive())
+
+        _wait_until(ok, timeout, "redis cluster failover")
+        return found[0]
 
     def __repr__(self) -> str:
         return f"<RedisClusterServer {self.startup_nodes}>"
