@@ -1,12 +1,14 @@
-"""Prometheus metrics, one registry per worker process.
+"""Prometheus metrics of every worker process, in one scrape.
 
-prometheus-client's multiprocess mode needs a shared directory and a
-``PROMETHEUS_MULTIPROCESS_DIR`` set before the workers fork; granian spawns
-its workers itself, so each worker keeps its own registry and ``GET /metrics``
-answers for the worker that served the request, labelled with ``worker``
-(its pid). Scrape every worker (or sum counters over ``worker`` after a
-scrape through a per-worker port) — the counters and histograms add up;
-gauges are per worker by design (in-flight calls, last-seen inventory).
+``haoyuan api`` / ``haoyuan serve`` (``api.serve``) set
+``PROMETHEUS_MULTIPROC_DIR`` to a fresh directory before granian starts its
+workers (unless the operator set one), so prometheus-client's multiprocess
+mode is on: each worker writes its values to files there and ``GET /metrics``,
+whichever worker answers, reads them all (``MultiProcessCollector``). Series
+carry a ``worker`` label (the pid): counters and histograms add up across
+workers; the lag gauges are the same in every worker (``max`` across them),
+the in-flight and inventory gauges are per worker. Without the directory (an
+app built in process, as the tests do) each worker keeps its own registry.
 
 - ``haoyuan_decisions_total{op, outcome}``: engine decisions (and local
   answers: ``outcome`` ``sold-out-cached``, ``not-open-cached``, ``shed``).
@@ -28,6 +30,7 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -50,26 +53,29 @@ class Metrics:
             "haoyuan_engine_call_duration_seconds", "Engine call latency",
             [*w, "op"], buckets=_BUCKETS, registry=r)
         self.inflight = Gauge(
-            "haoyuan_engine_inflight", "Engine calls in flight", w, registry=r
+            "haoyuan_engine_inflight", "Engine calls in flight", w, registry=r,
+            multiprocess_mode="livesum",
         ).labels(self.worker)
         self.free = Gauge("haoyuan_inventory_free_units", "Free units (last availability read)",
-                          [*w, "session"], registry=r)
+                          [*w, "session"], registry=r, multiprocess_mode="liveall")
         self.capacity = Gauge("haoyuan_inventory_capacity_units",
-                              "Capacity (last availability read)", [*w, "session"], registry=r)
-        self.writer_pending = Gauge("haoyuan_writer_pending_entries",
-                                    "Outbox entries delivered, not yet committed", registry=r)
-        self.writer_undelivered = Gauge("haoyuan_writer_undelivered_entries",
-                                        "Outbox entries not yet read by the writer", registry=r)
-        self.dead_letters = Gauge("haoyuan_outbox_dead_letters", "Outbox dead letters",
-                                  registry=r)
-        self.writer_age = Gauge("haoyuan_writer_oldest_pending_age_seconds",
-                                "Age of the oldest pending outbox entry", registry=r)
-        self.stream_length = Gauge("haoyuan_outbox_stream_length", "Outbox stream length",
-                                   registry=r)
-        self.his_pending = Gauge("haoyuan_his_pending_bookings",
-                                 "Bookings not yet accepted by HIS", registry=r)
-        self.his_age = Gauge("haoyuan_his_oldest_pending_age_seconds",
-                             "Age of the oldest booking not yet accepted by HIS", registry=r)
+                              "Capacity (last availability read)", [*w, "session"],
+                              registry=r, multiprocess_mode="liveall")
+
+        def lag(name: str, doc: str) -> Gauge:  # the same in every worker: max across
+            return Gauge(name, doc, registry=r, multiprocess_mode="max")
+
+        self.writer_pending = lag("haoyuan_writer_pending_entries",
+                                  "Outbox entries delivered, not yet committed")
+        self.writer_undelivered = lag("haoyuan_writer_undelivered_entries",
+                                      "Outbox entries not yet read by the writer")
+        self.dead_letters = lag("haoyuan_outbox_dead_letters", "Outbox dead letters")
+        self.writer_age = lag("haoyuan_writer_oldest_pending_age_seconds",
+                              "Age of the oldest pending outbox entry")
+        self.stream_length = lag("haoyuan_outbox_stream_length", "Outbox stream length")
+        self.his_pending = lag("haoyuan_his_pending_bookings", "Bookings not yet accepted by HIS")
+        self.his_age = lag("haoyuan_his_oldest_pending_age_seconds",
+                           "Age of the oldest booking not yet accepted by HIS")
         self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
 
     def decision(self, op: str, outcome: str) -> None:
@@ -98,4 +104,9 @@ class Metrics:
         self.capacity.labels(self.worker, session_id).set(capacity)
 
     def render(self) -> bytes:
+        """Every worker's series in multiprocess mode, else this worker's."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            everyone = CollectorRegistry()
+            MultiProcessCollector(everyone)  # type: ignore[no-untyped-call]
+            return generate_latest(everyone)
         return generate_latest(self.registry)

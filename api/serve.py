@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 __all__ = ["main", "serve"]
@@ -42,6 +43,10 @@ def serve(
     # Refuse to start here, once, naming every missing or weak secret: a worker
     # whose factory fails would only be respawned by granian, over and over.
     Settings.from_env()
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # One scrape of /metrics sees every worker (api.metrics): the workers
+        # inherit the directory; a fresh one per start (no stale counters).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="haoyuan-metrics-")
     if access_log is not None:
         os.environ["HAOYUAN_ACCESS_LOG"] = "1" if access_log else "0"
     Granian(

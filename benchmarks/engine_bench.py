@@ -211,3 +211,60 @@ async def run_durability_bench(*, quick: bool = False, n: int = 0) -> dict[str, 
                 "note": "one engine process batching confirmations into pipelines; "
                         "AOF always fsyncs once per event-loop batch before replying"})
     return out
+
+
+async def run_cluster_bench(*, quick: bool = False, repeats: int | None = None,
+                            n: int = 9999) -> dict[str, Any]:
+    """Engine holds/s of one process on a private 3-primary Redis Cluster
+    and on a private single Redis, alternated in one run (same persistence,
+    same calls: batched, one pipeline per node on the cluster), and the HTTP
+    hold rate with the API on the cluster (``bench http`` with a cluster)."""
+    from benchmarks.http_bench import run_http_bench
+    from engine.testing.servers import RedisClusterServer
+
+    repeats = repeats or (3 if quick else 5)
+    cfg = dict(account_rate_per_s=0, patient_rate_per_s=0, pipelines_in_flight=2)
+    single = RedisServer(appendonly=True, appendfsync="everysec").start()
+    cluster = RedisClusterServer(masters=3, appendonly=True, appendfsync="everysec").start()
+    on_single: list[float] = []
+    on_cluster: list[float] = []
+    batches: dict[str, float] = {}
+    try:
+        async with Engine.connect(single.url, EngineConfig(**cfg)) as one, \
+                Engine.connect(cluster.url, EngineConfig(cluster=True, **cfg)) as many:
+            for r in range(repeats):
+                for name, eng, out in (("single", one, on_single),
+                                       ("cluster", many, on_cluster)):
+                    # Sessions spread over the partitions (and the cluster's nodes).
+                    sids = [f"{name[0].upper()}{r}x{j}" for j in range(6)]
+                    for sid in sids:
+                        await eng.load_session(_spec(sid, sid, n // len(sids) + 1))
+                    t0 = time.perf_counter()
+                    await asyncio.gather(*(_engine_holds_timed(eng, sid, n // len(sids), 64)
+                                           for sid in sids))
+                    out.append(n // len(sids) * len(sids) / (time.perf_counter() - t0))
+            batches = {"single": one.runner.calls_sent / max(1, one.runner.pipelines_sent),
+                       "cluster": many.runner.calls_sent / max(1, many.runner.pipelines_sent)}
+    finally:
+        for s in (single, cluster):
+            s.stop()
+            s.cleanup()
+    http = await run_http_bench(quick=True, repeats=1 if quick else 2, cluster=True)
+    a, b = statistics.median(on_single), statistics.median(on_cluster)
+    return {
+        "holds_per_s_single": round(a),
+        "holds_per_s_cluster": round(b),
+        "ratio": round(b / a, 3),
+        "http_holds_per_s_cluster": http["holds_per_s"],
+        "http_hold_ratio_cluster": http["hold_ratio"],
+        "mean_batch": {k: round(v, 1) for k, v in batches.items()},
+        "repeats": repeats,
+        "samples": {"single": [round(x) for x in on_single],
+                    "cluster": [round(x) for x in on_cluster]},
+        "redis": "private redis-server and 3-primary cluster, appendonly yes, everysec",
+        "hardware": hardware(),
+    }
+
+
+async def _engine_holds_timed(eng: Engine, sid: str, n: int, concurrency: int) -> float:
+    return await _engine_holds(eng, sid, n, concurrency)

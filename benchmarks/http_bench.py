@@ -49,7 +49,7 @@ import msgspec
 from engine.engine import Engine, EngineConfig
 from engine.model import SessionSpec, SlotSpec
 from engine.pii import check_digit
-from engine.testing.servers import PostgresServer, RedisServer, free_port
+from engine.testing.servers import PostgresServer, RedisClusterServer, RedisServer, free_port
 
 __all__ = ["run_http_bench"]
 
@@ -177,7 +177,8 @@ async def _wait_http(url: str, within_s: float = 30.0) -> None:
             await asyncio.sleep(0.1)
 
 
-async def _setup_accounts(dsn: str, redis_url: str, n: int) -> tuple[list[str], list[str]]:
+async def _setup_accounts(dsn: str, redis_url: str, n: int, *,
+                          cluster: bool = False) -> tuple[list[str], list[str]]:
     """Accounts and bound patients written through the store and the binding
     mirror (what POST /v1/auth/wechat and POST /v1/patients do), tokens minted
     with the server's secret: a thousand HTTP logins would take much of a
@@ -204,7 +205,7 @@ async def _setup_accounts(dsn: str, redis_url: str, n: int) -> tuple[list[str], 
         return signer.mint(acct)[0], view.patient_id
 
     try:
-        async with Engine.connect(redis_url, EngineConfig()) as eng:
+        async with Engine.connect(redis_url, EngineConfig(cluster=cluster)) as eng:
             got = await asyncio.gather(*(one(eng, i) for i in range(n)))
     finally:
         await pool.close()
@@ -221,12 +222,14 @@ async def _import(base: str, specs: list[SessionSpec]) -> None:
 
 
 async def run_http_bench(quick: bool = False, *, workers: int = 2,
-                         repeats: int | None = None) -> dict[str, Any]:
-    """Run the benchmark; one dict of figures (see the module docstring)."""
+                         repeats: int | None = None, cluster: bool = False) -> dict[str, Any]:
+    """Run the benchmark; one dict of figures (see the module docstring).
+    ``cluster``: the API's Redis is a private 3-primary Redis Cluster."""
     _ensure_wrk()
     repeats = repeats or 3
     seconds = 3.0 if quick else 10.0
-    redis = RedisServer(appendonly=True, appendfsync="everysec")
+    redis: Any = (RedisClusterServer(masters=3, appendonly=True, appendfsync="everysec")
+                  if cluster else RedisServer(appendonly=True, appendfsync="everysec"))
     pg = PostgresServer()
     tmp = Path(tempfile.mkdtemp(prefix="haoyuan-http-bench-"))
     server: subprocess.Popen[bytes] | None = None
@@ -240,6 +243,7 @@ async def run_http_bench(quick: bool = False, *, workers: int = 2,
         env.update({
             "HAOYUAN_ENV": "development",  # bench endpoints, development keys and logins
             "HAOYUAN_REDIS_URL": redis.url, "HAOYUAN_PG_DSN": pg.dsn,
+            "HAOYUAN_REDIS_CLUSTER": "1" if cluster else "0",
             "HAOYUAN_BENCH_ENDPOINTS": "1", "HAOYUAN_ACCESS_LOG": "0",
             "HAOYUAN_ADMIN_TOKEN": _ADMIN, "HAOYUAN_LOG_LEVEL": "warning",
             "HAOYUAN_TOKEN_SECRET": _TOKEN_SECRET,
@@ -262,7 +266,7 @@ async def run_http_bench(quick: bool = False, *, workers: int = 2,
                  for d, sids in enumerate(per_set) for j, sid in enumerate(sids)]
         specs.append(_spec("SOLDOUT", "BDSOLD", dates[0], 0))
         await _import(base, specs)
-        tokens, patients = await _setup_accounts(pg.dsn, redis.url, ACCOUNTS)
+        tokens, patients = await _setup_accounts(pg.dsn, redis.url, ACCOUNTS, cluster=cluster)
         setup_s = time.monotonic() - t_start
 
         scripts = [tmp / f"hold-{i}.lua" for i in range(len(per_set))]

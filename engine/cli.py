@@ -1,5 +1,6 @@
 """``haoyuan``: the one front door of the stack.
 
+    haoyuan serve [--port 8000] [--workers N]  the API and every worker, kept up
     haoyuan api [--port 8000] [--workers N]   the HTTP API (granian workers)
     haoyuan writer | forwarder | sweeper | scheduler   the background workers
     haoyuan migrate                      apply PostgreSQL migrations
@@ -9,7 +10,7 @@
     haoyuan rebuild-bindings             Redis's binding mirror from PostgreSQL
     haoyuan staff add|list|disable       staff accounts with roles (token shown once)
     haoyuan demo [--quick] [--json]      the release-morning demo (starts what it needs)
-    haoyuan bench engine|http|durability|peers|peking [--quick] [--json]
+    haoyuan bench engine|http|durability|cluster|peers|peking [--quick] [--json]
 
 Every command reads the same configuration from the environment
 (``engine.config``): ``HAOYUAN_REDIS_URL`` (default redis://127.0.0.1:6379/0),
@@ -307,6 +308,10 @@ async def _bench(a: argparse.Namespace) -> int:
             from benchmarks.engine_bench import run_durability_bench
 
             result = await run_durability_bench(quick=a.quick)
+        elif a.what == "cluster":
+            from benchmarks.engine_bench import run_cluster_bench
+
+            result = await run_cluster_bench(quick=a.quick)
         elif a.what == "peers":
             from benchmarks.peers import run_peers
 
@@ -330,6 +335,16 @@ async def _bench(a: argparse.Namespace) -> int:
         for k, v in result.items():
             print(f"{k:>28}: {v}")
     return 0
+
+
+async def _serve(a: argparse.Namespace) -> int:
+    from engine.supervisor import Supervisor, children_for
+
+    children = children_for(host=a.host, port=a.port, workers=a.workers, writers=a.writers,
+                            forwarder=not a.no_forwarder, sweeper=not a.no_sweeper,
+                            scheduler=a.scheduler)
+    sup = Supervisor(children, grace_s=a.grace, status_file=a.status_file)
+    return await sup.run(_stop_event())
 
 
 def _api(a: argparse.Namespace) -> int:
@@ -379,6 +394,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1),
                    help="worker processes (each with its own engine connection and caches)")
     p.add_argument("--no-access-log", action="store_true", help="no access log lines")
+
+    p = cmd("serve", _serve, "the whole service on this host, kept up: the API and the workers "
+            "as child processes, each restarted if it dies; SIGTERM stops them cleanly")
+    p.add_argument("--host", default="127.0.0.1", help="address the API listens on")
+    p.add_argument("--port", type=int, default=8000, help="the API's TCP port")
+    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1),
+                   help="API worker processes")
+    p.add_argument("--writers", type=int, default=1, help="outbox writer processes")
+    p.add_argument("--no-forwarder", action="store_true", help="no HIS forwarder here")
+    p.add_argument("--no-sweeper", action="store_true", help="no hold sweeper here")
+    p.add_argument("--scheduler", action="store_true", help="also run the HIS scheduler")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds the children get to stop after SIGTERM before a kill")
+    p.add_argument("--status-file", default=None,
+                   help="write the children's pids and restarts here (JSON) on each change")
 
     p = cmd("writer", _writer, "the outbox writer: Redis outbox streams -> PostgreSQL")
     _conn(p)
@@ -466,10 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the crowd calls the engine in process instead of HTTP + Locust")
 
     p = cmd("bench", _bench, "measurements with their ceilings (see benchmarks/README.md)")
-    p.add_argument("what", choices=["engine", "http", "durability", "peers", "peking"],
+    p.add_argument("what", choices=["engine", "http", "durability", "cluster", "peers", "peking"],
                    help="engine: holds/s vs redis-benchmark; http: holds and sold-out vs "
-                        "hello-world; durability: confirmations per AOF mode; peers: vs the "
-                        "relational design; peking: the Peking-scale morning (checkout only)")
+                        "hello-world; durability: confirmations per AOF mode; cluster: holds/s "
+                        "on a 3-primary cluster vs one node (ratio), and HTTP on the cluster; "
+                        "peers: vs the relational design; peking: the Peking-scale morning "
+                        "(checkout only)")
     p.add_argument("--quick", action="store_true", help="shorter runs")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--open-loop", action="store_true",
