@@ -291,7 +291,8 @@ async def _demo(a: argparse.Namespace) -> int:
     from benchmarks.demo import run_demo
 
     summary = await run_demo(quick=a.quick, json_only=a.json, out_dir=a.out,
-                             engine_only=a.engine_only)
+                             engine_only=a.engine_only, cluster=a.cluster,
+                             failover=a.failover)
     if a.json:
         print(json.dumps(summary))
     return 0 if summary.get("ok") else 1
@@ -494,6 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory for the report, Locust's CSV/HTML and the plots")
     p.add_argument("--engine-only", action="store_true",
                    help="the crowd calls the engine in process instead of HTTP + Locust")
+    p.add_argument("--cluster", action="store_true",
+                   help="on a private Redis Cluster (3 primaries, a replica each)")
+    p.add_argument("--failover", action="store_true",
+                   help="with --cluster: kill -9 a primary mid-spike; its replica takes over")
 
     p = cmd("bench", _bench, "measurements with their ceilings (see benchmarks/README.md)")
     p.add_argument("what", choices=["engine", "http", "durability", "cluster", "peers", "peking"],

@@ -69,22 +69,35 @@ class Stack:
     his_url: str
     engine: Engine
     pool: asyncpg.Pool
+    #: The private Redis Cluster (``--cluster``), for ``--failover``.
+    cluster: Any = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
 @contextlib.asynccontextmanager
-async def start_stack(*, say: Any) -> AsyncIterator[Stack]:
+async def start_stack(*, say: Any, cluster: bool = False) -> AsyncIterator[Stack]:
     from engine.forwarder import ForwarderConfig, HisForwarder
     from engine.his.fhir import FhirHisClient
     from engine.store.migrate import migrate
     from engine.testing.his_simulator import SimConfig, SimulatorProcess
-    from engine.testing.servers import PostgresServer, RedisServer
+    from engine.testing.servers import PostgresServer, RedisClusterServer, RedisServer
 
     started: list[Any] = []
     try:
         redis_url = os.environ.get("HAOYUAN_REDIS_URL")
-        if not redis_url:
+        if cluster:
+            # A local cluster with a replica per primary; the API and every
+            # worker read HAOYUAN_REDIS_CLUSTER (the one setting).
+            rc = await asyncio.to_thread(lambda: RedisClusterServer(
+                masters=3, replicas=1, node_timeout_ms=1000, appendonly=True,
+                appendfsync="always").start())
+            started.append(rc)
+            redis_url = rc.url
+            os.environ["HAOYUAN_REDIS_CLUSTER"] = "1"
+            say(f"started a private Redis Cluster (3 primaries, 3 replicas, AOF always) at "
+                f"{redis_url}")
+        elif not redis_url:
             r = await asyncio.to_thread(
                 lambda: RedisServer(appendonly=True, appendfsync="always").start())
             started.append(r)
@@ -107,10 +120,12 @@ async def start_stack(*, say: Any) -> AsyncIterator[Stack]:
             say(f"started the HIS simulator (FHIR R4) at {his_url}")
         pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=8)
         cfg = EngineConfig(account_rate_per_s=2.0, account_burst=6,
-                           patient_rate_per_s=2.0, patient_burst=6)
+                           patient_rate_per_s=2.0, patient_burst=6, cluster=cluster)
         async with Engine.connect(redis_url, cfg) as eng:
-            await eng.client.flushall()
-            stack = Stack(redis_url, pg_dsn, his_url, eng, pool)
+            if not cluster:
+                await eng.client.flushall()
+            stack = Stack(redis_url, pg_dsn, his_url, eng, pool,
+                          cluster=started[0] if cluster else None)
             writer = OutboxWriter(eng, pool, WriterConfig(block_ms=50))
             his = FhirHisClient(his_url, timeout=2.0)
             fwd = HisForwarder(eng, pool, his, ForwarderConfig())
@@ -290,20 +305,22 @@ async def sample(stack: Stack, specs: list[SessionSpec], t0: float, stop: asynci
     while not stop.is_set():
         t = time.perf_counter() - t0
         free = 0
-        for dept, date in depts:
-            a = await stack.engine.dept_day_availability(dept, date)
-            seen = time.perf_counter() - t0  # sold out at the latest when the read came back
-            for s in a.sessions:
-                free += s.free
-                if s.free == 0 and s.session_id not in sold_out:
-                    sold_out[s.session_id] = seen
         try:
+            for dept, date in depts:
+                a = await stack.engine.dept_day_availability(dept, date)
+                seen = time.perf_counter() - t0  # sold out at the latest when the read came back
+                for s in a.sessions:
+                    free += s.free
+                    if s.free == 0 and s.session_id not in sold_out:
+                        sold_out[s.session_id] = seen
             lag = await outbox_lag(stack.engine.client)
             h = await his_lag(stack.pool)
         except Exception:
             if stop.is_set():
                 break
-            raise
+            # A Redis node failing over (--failover): no sample this round.
+            await asyncio.sleep(0.25)
+            continue
         series.append({"t": round(t, 2), "free": free, "writer_pending": lag.pending +
                        lag.undelivered, "his_pending": h.pending})
         out["live"] = series
@@ -343,7 +360,8 @@ FULL_HTTP = (Scale(departments=8, doctors_per_dept=4, slots_per_session=6, units
 
 async def run_demo(*, quick: bool = False, json_only: bool = False,
                    out_dir: str = "reports/demo", seed: int = 1,
-                   engine_only: bool = False) -> dict[str, Any]:
+                   engine_only: bool = False, cluster: bool = False,
+                   failover: bool = False) -> dict[str, Any]:
     from benchmarks.demo import http as demo_http
 
     use_http = not engine_only and demo_http.available()
@@ -359,7 +377,10 @@ async def run_demo(*, quick: bool = False, json_only: bool = False,
     await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
     # The workers' routine retries (HIS answering 500 now and then) are not news here.
     logging.getLogger("haoyuan").setLevel(logging.WARNING)
-    async with start_stack(say=say) as stack, contextlib.AsyncExitStack() as ctx:
+    if failover and not cluster:
+        raise ValueError("--failover needs --cluster")
+    async with start_stack(say=say, cluster=cluster) as stack, \
+            contextlib.AsyncExitStack() as ctx:
         from engine.schedule_import import import_sessions
 
         api = None
@@ -385,6 +406,9 @@ async def run_demo(*, quick: bool = False, json_only: bool = False,
         sampled: dict[str, Any] = {}
         stop_sampling = asyncio.Event()
         sampler = asyncio.create_task(sample(stack, specs, t0, stop_sampling, sampled))
+        failover_figures: dict[str, Any] = {}
+        killer = (asyncio.create_task(_fail_over(stack, specs, release_at, say, failover_figures))
+                  if failover else None)
         crowd = Crowd(stack, specs, stats, seed)
         locust: dict[str, Any] | None = None
         if api is not None and hscale is not None:
@@ -420,6 +444,9 @@ async def run_demo(*, quick: bool = False, json_only: bool = False,
             # who lost in the spike and still wants a unit.
             crowd.wanting = {f"demo-pat-{i}" for i in range(scale.patients)}
         await crowd.last_call(timeout_s=30)  # each grab waits for its own payment
+        if killer is not None:
+            await killer
+            await _recover(stack, say, failover_figures)
         await _drain(stack, timeout_s=60)
         stop_sampling.set()
         await sampler
@@ -433,6 +460,17 @@ async def run_demo(*, quick: bool = False, json_only: bool = False,
             await his.aclose()
         summary = _summary(stats, scale, specs, report, his_report, sampled,
                            len(crowd.wanting), release_at - t0, spike_end - t0, locust)
+        if cluster:
+            summary["redis"] = "cluster"
+        if failover:
+            # While a primary fails over, the API answers 503 with Retry-After
+            # (nothing decided, the client retries): the one 5xx allowed here.
+            only_503 = all("[503 " in k for k in summary["by_endpoint"] if " [5" in k)
+            failover_figures["http_503_during_failover"] = summary["http_5xx"]
+            summary["failover"] = failover_figures
+            if only_503 and summary["http_5xx"] and not summary["ok"]:
+                summary["ok"] = bool(summary["audit_ok"] and summary["oversold"] == 0
+                                     and summary["undersold"] == 0 and summary["errors"] == 0)
     try:
         from benchmarks.demo.report import plot
 
@@ -445,6 +483,52 @@ async def run_demo(*, quick: bool = False, json_only: bool = False,
     if not json_only:
         _print_report(summary)
     return summary
+
+
+async def _fail_over(stack: Stack, specs: list[SessionSpec], release_at: float, say: Any,
+                     figures: dict[str, Any]) -> None:
+    """``--failover``: two seconds into the spike, kill -9 the primary that owns
+    the first (most popular) session's partition, wait for its replica to take
+    over, and bring the dead node back as a replica."""
+    from engine import keys as K
+
+    await asyncio.sleep(max(0.0, release_at - time.perf_counter()) + 2.0)
+    p = K.partition_of(specs[0].dept, specs[0].date)
+    key = K.PartitionKeys(p).outbox
+    victim = await asyncio.to_thread(stack.cluster.primary_of, key)
+    t_kill = time.perf_counter()
+    await asyncio.to_thread(victim.kill)
+    say(f"failover: killed -9 the primary {victim.port} (partition {p}) mid-spike")
+    new = await asyncio.to_thread(stack.cluster.wait_failover, key, 60.0)
+    figures["killed_primary"] = victim.port
+    figures["promoted_replica"] = new.port
+    figures["failover_s"] = round(time.perf_counter() - t_kill, 2)
+    say(f"failover: replica {new.port} took over in {figures['failover_s']} s")
+    await asyncio.to_thread(victim.restart)
+    await asyncio.to_thread(stack.cluster.wait_replicas_synced, 60.0)
+
+
+async def _recover(stack: Stack, say: Any, figures: dict[str, Any]) -> None:
+    """After a failover: what the writer found damaged (Redis lost writes
+    PostgreSQL had) is rebuilt before the last call sells on."""
+    from engine.rebuild import rebuild
+    from engine.recovery import check_partitions
+
+    await _drain(stack, timeout_s=60)
+    damaged = await check_partitions(stack.engine, stack.pool)
+    figures["partitions_damaged"] = [c.partition for c in damaged]
+    figures["conflicts_caught"] = int(await stack.pool.fetchval(
+        "SELECT count(*) FROM booking_conflicts"))
+    if damaged:
+        ids = [r["id"] for r in await stack.pool.fetch(
+            "SELECT id FROM sessions WHERE partition = ANY($1)", figures["partitions_damaged"])]
+        reports = await rebuild(stack.engine, stack.pool, ids)
+        figures["rebuilt_sessions"] = len(reports)
+        say(f"failover: rebuilt {len(reports)} sessions of partitions "
+            f"{figures['partitions_damaged']}")
+    else:
+        figures["rebuilt_sessions"] = 0
+        say("failover: Redis lost nothing PostgreSQL had; no rebuild needed")
 
 
 async def _progress_http(say: Any, sampled: dict[str, Any], t0: float) -> None:
