@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,3 +98,49 @@ def test_every_script_has_one_typed_call_and_every_call_a_script() -> None:
     names = [c.script for c in CALLS]
     assert len(names) == len(set(names))
     assert set(names) == set(load_scripts())
+
+
+def _struct_fields(t: object) -> set[str]:
+    """Every encoded field name of a msgspec type and the structs inside it."""
+    import msgspec
+
+    out: set[str] = set()
+    seen: set[int] = set()
+
+    def walk(info: object) -> None:
+        if id(info) in seen:
+            return
+        seen.add(id(info))
+        if isinstance(info, msgspec.inspect.StructType):
+            for f in info.fields:
+                out.add(f.encode_name)
+                walk(f.type)
+        for attr in ("item_type", "value_type"):
+            if hasattr(info, attr):
+                walk(getattr(info, attr))
+        for sub in getattr(info, "types", ()) or ():
+            walk(sub)
+
+    walk(msgspec.inspect.type_info(t))
+    return out
+
+
+@pytest.mark.parametrize("call", [c for c in CALLS
+                                  if hasattr(getattr(c.decode, "__self__", None), "type")],
+                         ids=lambda c: c.script)
+def test_every_field_an_output_header_names_decodes(call: Any) -> None:
+    """The fields a script's header promises in ``Output: {...}`` are fields
+    of its typed reply (``engine.replies``), nested ones included."""
+    path = next(LUA.glob(f"{call.script}-*.lua"))
+    out = header(path).split("Output:", 1)[1]
+    promised: set[str] = set()
+    for group in re.findall(r"\{([^{}]*)\}", out):
+        for item in group.split(","):
+            m = re.match(r"\s*([a-z_]+)\b", item)
+            if m:
+                promised.add(m.group(1))
+    t = call.decode.__self__.type
+    if t is dict or getattr(t, "__origin__", None) is dict:
+        return
+    missing = promised - _struct_fields(t) - {"field", "unit", "record"}
+    assert not missing, f"{path.name} promises {sorted(missing)}, {t.__name__} lacks them"
