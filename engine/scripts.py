@@ -290,27 +290,34 @@ class ScriptRunner:
 
     async def _node_pipeline(self, node: Any, calls: list[_Pending], idx: list[int],
                              out: list[Any]) -> None:
-        packed = b"".join(pack_evalsha(s.sha_b, keys, args) for s, keys, args, _ in calls)
-        if self.wait_replicas:
-            packed += _wait_command(self.wait_replicas, self.wait_timeout_ms)
         conn = node.acquire_connection()
         try:
-            await conn.send_packed_command(packed, check_health=False)
-            got: list[Any] = []
-            for _ in calls:
-                try:
-                    got.append(await conn.read_response())
-                except ResponseError as exc:  # an error reply: the stream stays aligned
-                    got.append(exc)
-            if self.wait_replicas:
-                got = self._durable(calls, got, int(await conn.read_response()))
-            for i, r in zip(idx, got, strict=True):
+            for i, r in zip(idx, await self._exchange(conn, calls), strict=True):
                 out[i] = r
         except BaseException:
             await conn.disconnect()
             raise
         finally:
             node.release(conn)
+
+    async def _exchange(self, conn: Any, calls: list[_Pending]) -> list[Any]:
+        """Send the calls (and WAIT, in durability "wait") in one packet with
+        our own RESP packing (redis-py's generic packer was two thirds of the
+        CPU per decision) and read every reply; an error reply is kept in its
+        place, so the stream stays aligned."""
+        packed = b"".join(pack_evalsha(s.sha_b, keys, args) for s, keys, args, _ in calls)
+        if self.wait_replicas:
+            packed += _wait_command(self.wait_replicas, self.wait_timeout_ms)
+        await conn.send_packed_command(packed, check_health=False)
+        got: list[Any] = []
+        for _ in calls:
+            try:
+                got.append(await conn.read_response())
+            except ResponseError as exc:
+                got.append(exc)
+        if self.wait_replicas:
+            got = self._durable(calls, got, int(await conn.read_response()))
+        return got
 
     def _durable(self, calls: list[_Pending], got: list[Any], acked: int) -> list[Any]:
         """The replies of a batch that ended with WAIT: writes that too few
@@ -322,25 +329,12 @@ class ScriptRunner:
                 for i, r in enumerate(got)]
 
     async def _pipeline(self, batch: list[_Pending]) -> list[Any]:
-        """One round trip on a raw pooled connection: our own RESP packing
-        (redis-py's generic packer was two thirds of the CPU per decision)."""
-        packed = b"".join(pack_evalsha(s.sha_b, keys, args) for s, keys, args, _ in batch)
-        if self.wait_replicas:
-            packed += _wait_command(self.wait_replicas, self.wait_timeout_ms)
+        """One round trip on a raw pooled connection (``_exchange``)."""
         assert isinstance(self.client, Redis)  # a cluster goes through _pipeline_cluster
         pool = self.client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            await conn.send_packed_command(packed, check_health=False)
-            out: list[Any] = []
-            for _ in batch:
-                try:
-                    out.append(await conn.read_response())
-                except ResponseError as exc:  # an error reply: the stream stays aligned
-                    out.append(exc)
-            if self.wait_replicas:
-                out = self._durable(batch, out, int(await conn.read_response()))
-            return out
+            return await self._exchange(conn, batch)
         except BaseException:
             await conn.disconnect()
             raise

@@ -31,6 +31,7 @@
           back later" and are never remembered under the idempotency key.
 ]]
 -- @include codes
+-- @include answers
 -- @include bundle
 -- @include records
 -- @include units
@@ -60,19 +61,13 @@ local now = server_now(ARGV[12])
 local fingerprint = sid .. '|' .. slot .. '|' .. pat
 
 -- 1. Idempotency: a retry returns the first answer and changes nothing.
-local stored = rcall('GET', KEYS[13])
-if stored then
-  local cut = string.find(stored, '\n', 1, true)
-  if string.sub(stored, 1, cut - 1) ~= fingerprint then
-    return reply({o = IDEMPOTENCY_MISMATCH, now = now})
-  end
-  return '{"rp":1,' .. string.sub(stored, cut + 2)
-end
+local replay = stored_answer(KEYS[13], fingerprint, now)
+if replay then return replay end
 local remember_refusals = ARGV[13] == '1'
 local function remember(tbl)
   local body = reply(tbl)
   if tbl.o == OK or remember_refusals then
-    rcall('SET', KEYS[13], fingerprint .. '\n' .. body, 'PX', idem_ttl)
+    store_answer(KEYS[13], fingerprint, body, idem_ttl)
   end
   -- Settlements (this hold, holds reclaimed and units offered on the way)
   -- go to this caller only, never into the stored answer.

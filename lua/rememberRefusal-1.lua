@@ -19,6 +19,7 @@
           or the refusal just remembered {o = code, now}.
 ]]
 -- @include codes
+-- @include answers
 -- @include reply
 
 local sid, slot, pat = ARGV[1], ARGV[2], ARGV[3]
@@ -30,14 +31,8 @@ if code ~= SOLD_OUT then return bad('only a sold-out answer is remembered from a
 if ttl == nil or ttl < 1 then return bad('ttl must be a positive integer') end
 local now = server_now(ARGV[6])
 local fingerprint = sid .. '|' .. slot .. '|' .. pat
-local stored = rcall('GET', KEYS[1])
-if stored then
-  local cut = string.find(stored, '\n', 1, true)
-  if string.sub(stored, 1, cut - 1) ~= fingerprint then
-    return reply({o = IDEMPOTENCY_MISMATCH, now = now})
-  end
-  return '{"rp":1,' .. string.sub(stored, cut + 2)
-end
+local replay = stored_answer(KEYS[1], fingerprint, now)
+if replay then return replay end
 local body = reply({o = code, now = now})
-rcall('SET', KEYS[1], fingerprint .. '\n' .. body, 'PX', ttl)
+store_answer(KEYS[1], fingerprint, body, ttl)
 return body

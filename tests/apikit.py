@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import os
 import subprocess
 import sys
@@ -33,6 +34,19 @@ ADMIN_TOKEN = "test-admin-token-0123456789"
 PAYMENT_SECRET = "test-payment-secret-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 ROOT = Path(__file__).resolve().parent.parent
+
+
+_ids = itertools.count(1)
+
+
+def next_id() -> int:
+    """A new number for this test run (national IDs, openids)."""
+    return next(_ids)
+
+
+def uid(prefix: str) -> str:
+    """A new id for this test run (``H1``, ``H2``, ...)."""
+    return f"{prefix}{next_id()}"
 
 
 def national_id(i: int, *, year: int = 1960) -> str:

@@ -171,3 +171,25 @@ async def engine_on_fresh_redis(fresh_redis: Any, redis_url: str) -> AsyncIterat
 
     async with Engine.connect(redis_url, config()) as e:
         yield e
+
+
+# ------------------------------------------------------------- shared by the API tests
+
+
+@pytest.fixture(scope="module")
+async def db(pg_dsn: str) -> AsyncIterator[str]:
+    """A database of the module's own (its DSN; the app migrates it). Modules
+    that want a pool instead define their own ``db``."""
+    from tests.enginekit import new_database
+
+    async with new_database(pg_dsn) as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="module")
+async def client(app: Any) -> AsyncIterator[Any]:
+    """A test client of the module's ``app`` fixture."""
+    from litestar.testing import AsyncTestClient
+
+    async with AsyncTestClient(app) as c:
+        yield c

@@ -9,7 +9,6 @@ import asyncio
 import itertools
 import re
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -39,36 +38,21 @@ from tests.apikit import (
     import_sessions,
     login,
     national_id,
+    next_id,
     pay,
     payment_headers,
     settings,
+    uid,
 )
-from tests.enginekit import make_spec, new_database, now_ms
+from tests.enginekit import make_spec, now_ms
 
 pytestmark = pytest.mark.timeout(120)
-_ids = itertools.count(1)
 Client = AsyncTestClient[Litestar]
-
-
-def uid(prefix: str) -> str:
-    return f"{prefix}{next(_ids)}"
-
-
-@pytest.fixture(scope="module")
-async def db(pg_dsn: str) -> AsyncIterator[str]:
-    async with new_database(pg_dsn) as dsn:
-        yield dsn
 
 
 @pytest.fixture(scope="module")
 async def app(redis_url: str, db: str) -> Litestar:
     return await flushed_app(redis_url, db, patient_rules=True, max_active_per_patient=3)
-
-
-@pytest.fixture(scope="module")
-async def client(app: Litestar) -> AsyncIterator[Client]:
-    async with AsyncTestClient(app) as c:
-        yield c
 
 
 def is_problem(r: httpx.Response, status: int, slug: str) -> dict[str, Any]:
@@ -89,7 +73,7 @@ async def session(client: Client, **kw: Any) -> str:
 
 async def account(client: Client, i: int | None = None) -> tuple[dict[str, str], str]:
     headers = await login(client, uid("u"))
-    pid = await bind(client, headers, next(_ids) if i is None else i)
+    pid = await bind(client, headers, next_id() if i is None else i)
     return headers, pid
 
 
@@ -222,7 +206,7 @@ async def test_code2session_verifier(client: Client, app: Litestar) -> None:
 
 async def test_patients_bind_list_unbind(client: Client) -> None:
     headers = await login(client, uid("u"))
-    n = next(i for i in itertools.count(10**5 + next(_ids) * 11) if national_id(i).endswith("X"))
+    n = next(i for i in itertools.count(10**5 + next_id() * 11) if national_id(i).endswith("X"))
     nid = national_id(n)
     lower_x = nid[:-1] + "x"
     r = await client.post("/v1/patients", headers=headers, json={
@@ -251,7 +235,7 @@ async def test_binding_mirror_serves_holds_and_unbind_tombstones(
     on a miss, which fills it); an unbind's tombstone wins over a late fill."""
     a = api(app)
     sid = await session(client)
-    n = 900_000 + next(_ids)
+    n = 900_000 + next_id()
     headers, pid = await account(client, n)
     acct = a.tokens.verify(headers["Authorization"][7:])
     assert acct is not None
@@ -338,7 +322,7 @@ async def test_patient_bad_id_is_422_without_echo(client: Client, nid: str, slug
 
 async def test_patient_full_width_id_is_normalised(client: Client) -> None:
     headers = await login(client, uid("u"))
-    nid = national_id(next(_ids))
+    nid = national_id(next_id())
     wide = "".join(chr(ord(c) + 0xFEE0) for c in nid)
     r = await client.post("/v1/patients", headers=headers,
                           json={"name": "张三", "phone": "13812345678", "national_id": wide})
@@ -348,12 +332,12 @@ async def test_patient_full_width_id_is_normalised(client: Client) -> None:
 async def test_patient_bad_phone_and_limit(client: Client) -> None:
     headers = await login(client, uid("u"))
     r = await client.post("/v1/patients", headers=headers, json={
-        "name": "张三", "phone": "12345", "national_id": national_id(next(_ids))})
+        "name": "张三", "phone": "12345", "national_id": national_id(next_id())})
     is_problem(r, 422, "invalid-phone")
     for _ in range(5):
-        await bind(client, headers, next(_ids))
+        await bind(client, headers, next_id())
     r = await client.post("/v1/patients", headers=headers, json={
-        "name": "张三", "phone": "13812345678", "national_id": national_id(next(_ids))})
+        "name": "张三", "phone": "13812345678", "national_id": national_id(next_id())})
     is_problem(r, 409, "patient-limit")
     r = await client.post("/v1/patients", headers=headers, json={
         "name": "张三", "phone": "13812345678", "national_id": national_id(1), "admin": True})
@@ -560,7 +544,7 @@ async def test_suspended_closed_rate_limited_and_shed(client: Client, app: Lites
 
 async def test_banned_and_limit_reached(client: Client, app: Litestar, redis_url: str) -> None:
     headers = await login(client, uid("u"))
-    n = next(_ids)
+    n = next_id()
     pid = await bind(client, headers, n)
     ref = api(app).crypto.id_hash(national_id(n))
     async with Engine.connect(redis_url) as eng:
@@ -742,7 +726,7 @@ async def test_logs_are_json_with_request_id_and_nothing_personal(
     redis_url: str, db: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     app = create_app(settings(redis_url, db, log_level="info", access_log=True))
-    nid = national_id(next(_ids))
+    nid = national_id(next_id())
     try:
         async with AsyncTestClient(app) as c:
             sid = await session(c)
@@ -837,7 +821,7 @@ async def test_redis_down_is_503_not_500(db: str) -> None:
 
 
 async def test_invalid_input_never_echoes_the_value(client: Client) -> None:
-    nid = national_id(next(_ids))
+    nid = national_id(next_id())
     r = await client.get("/v1/sessions", params={"from": nid, "to": "2026-12-01"})
     body = is_problem(r, 422, "invalid-input")
     assert nid not in r.text and body["errors"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
@@ -34,19 +33,13 @@ from tests.apikit import (
     server_env,
     settings,
 )
-from tests.enginekit import make_spec, new_database
+from tests.enginekit import make_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 ACCOUNTS = 1000
 REQUESTS = 2000
 UNITS = 100
-
-
-@pytest.fixture(scope="module")
-async def db(pg_dsn: str) -> AsyncIterator[str]:
-    async with new_database(pg_dsn) as dsn:
-        yield dsn
 
 
 async def _accounts(dsn: str, crypto: Crypto, token_secret: str,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -31,7 +30,7 @@ from tests.apikit import (
     national_id,
     pay,
 )
-from tests.enginekit import make_spec, new_database, now_ms
+from tests.enginekit import make_spec, now_ms
 
 pytestmark = pytest.mark.timeout(120)
 _ids = itertools.count(500_001)
@@ -43,20 +42,8 @@ def uid(prefix: str) -> str:
 
 
 @pytest.fixture(scope="module")
-async def db(pg_dsn: str) -> AsyncIterator[str]:
-    async with new_database(pg_dsn) as dsn:
-        yield dsn
-
-
-@pytest.fixture(scope="module")
 async def app(redis_url: str, db: str) -> Litestar:
     return await flushed_app(redis_url, db, patient_rules=True)
-
-
-@pytest.fixture(scope="module")
-async def client(app: Litestar) -> AsyncIterator[Client]:
-    async with AsyncTestClient(app) as c:
-        yield c
 
 
 def is_problem(r: httpx.Response, status: int, slug: str) -> dict[str, Any]:

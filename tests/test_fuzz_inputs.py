@@ -34,7 +34,7 @@ from litestar.testing import AsyncTestClient
 
 from tests.apikit import ADMIN_TOKEN, bind, flushed_app, import_sessions, login, payment_headers
 from tests.asgikit import asgi_request
-from tests.enginekit import make_spec, new_database
+from tests.enginekit import make_spec
 
 pytestmark = pytest.mark.timeout(300)
 Client = AsyncTestClient[Litestar]
@@ -42,12 +42,6 @@ _PARAM = re.compile(r"\{(\w+):\w+\}")
 HEADERS = (b"authorization", b"content-type", b"content-length", b"idempotency-key",
            b"x-payment-timestamp", b"x-payment-signature", b"x-request-id", b"accept",
            b"cookie", b"host", b"origin")
-
-
-@pytest.fixture(scope="module")
-async def db(pg_dsn: str) -> AsyncIterator[str]:
-    async with new_database(pg_dsn) as dsn:
-        yield dsn
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,7 @@ the real-name simulator as the authority (engine.identity.simulator).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -40,36 +38,21 @@ from tests.apikit import (
     import_sessions,
     login,
     national_id,
+    next_id,
     raw_request,
     server_env,
+    uid,
 )
-from tests.enginekit import make_spec, new_database
+from tests.enginekit import make_spec
 
 pytestmark = pytest.mark.timeout(180)
-_ids = itertools.count(1)
 Client = AsyncTestClient[Litestar]
 NAME, PHONE = "张三丰", "13812345678"
-
-
-def uid(prefix: str) -> str:
-    return f"{prefix}{next(_ids)}"
-
-
-@pytest.fixture(scope="module")
-async def db(pg_dsn: str) -> AsyncIterator[str]:
-    async with new_database(pg_dsn) as dsn:
-        yield dsn
 
 
 @pytest.fixture(scope="module")
 async def app(redis_url: str, db: str) -> Litestar:
     return await flushed_app(redis_url, db, max_accounts_per_patient=3)
-
-
-@pytest.fixture(scope="module")
-async def client(app: Litestar) -> AsyncIterator[Client]:
-    async with AsyncTestClient(app) as c:
-        yield c
 
 
 def sim(app: Litestar) -> SimulatedRealName:
@@ -122,7 +105,7 @@ async def test_eight_accounts_cannot_block_the_real_patient(client: Client, app:
     other names and phones and try to hold that patient's department-day.
     None can hold (unverified), at most three bindings exist at a time, and
     the real patient binds, holds and books."""
-    nid = national_id(500_000 + next(_ids))
+    nid = national_id(500_000 + next_id())
     sim(app).register(nid, NAME, PHONE)
     sid = await session(client)
     attackers = []
@@ -164,7 +147,7 @@ async def test_an_id_is_bound_to_a_few_accounts(client: Client, app: Litestar) -
     """At most three verified accounts per ID (family members who know the
     data); the person themself (face-check ticket) is never refused; an
     unverified binding gets only a free place."""
-    nid = national_id(510_000 + next(_ids))
+    nid = national_id(510_000 + next_id())
     family = [await login(client, uid("family")) for _ in range(3)]
     for h in family:
         r = await bind(client, h, nid)
@@ -182,7 +165,7 @@ async def test_an_id_is_bound_to_a_few_accounts(client: Client, app: Litestar) -
     assert r.status_code == 201 and r.json()["verification"] == "self", r.text
     # A ticket proves the person only for the account that took the check.
     other = await login(client, uid("other"))
-    r = await bind(client, other, national_id(520_000 + next(_ids)), ticket=ticket)
+    r = await bind(client, other, national_id(520_000 + next_id()), ticket=ticket)
     assert r.status_code == 201 and r.json()["verification"] == "mismatch"
 
 
@@ -192,7 +175,7 @@ async def test_concurrent_binds_of_one_id_respect_the_limit(fresh_pg_dsn: str) -
     others are refused, verified or not."""
     await migrate(fresh_pg_dsn)
     crypto = Crypto.generate_dev()
-    nid = national_id(515_000 + next(_ids))
+    nid = national_id(515_000 + next_id())
     pool = await asyncpg.create_pool(fresh_pg_dsn, min_size=12, max_size=12)
     try:
         accounts = [await q.create_account(pool, uid("crowd")) for _ in range(12)]
@@ -229,7 +212,7 @@ async def test_unverified_binding_cannot_hold_until_verified(client: Client, app
     entry in Redis's binding mirror, and holds once verified again."""
     sid = await session(client)
     h = await login(client, uid("u"))
-    nid = national_id(530_000 + next(_ids))
+    nid = national_id(530_000 + next_id())
     s = sim(app)
     s.down = True
     try:
@@ -272,7 +255,7 @@ async def test_patient_sees_and_revokes_the_accounts_that_bound_them(
     masked, and revokes any; a family member's data-verified binding revokes
     only unverified ones; an unverified binding sees and revokes nothing. A
     revoked binding stops holding at once."""
-    nid = national_id(540_000 + next(_ids))
+    nid = national_id(540_000 + next_id())
     sim(app).register(nid, NAME, PHONE)
     sid = await session(client)
     me = await login(client, uid("me"))
@@ -370,7 +353,7 @@ async def test_logout_and_revocation(client: Client, app: Litestar) -> None:
     await asyncio.sleep(1.05)  # tokens of one account minted in one second are one token
     b = await login(client, openid)
     assert a != b
-    pid = (await bind(client, a, national_id(560_000 + next(_ids)))).json()["patient_id"]
+    pid = (await bind(client, a, national_id(560_000 + next_id()))).json()["patient_id"]
     r = await client.post("/v1/auth/logout", headers=a)
     assert r.status_code == 204, r.text
     for resp in (await client.get("/v1/patients", headers=a), await hold(client, a, sid, pid),
@@ -405,7 +388,7 @@ async def test_revocations_and_unbinds_reach_every_worker_at_once(
             await import_sessions(hc, [make_spec(sid, dept=uid("D"), caps=(40,)),
                                        make_spec(sid2, dept=uid("D"), caps=(40,))])
             headers = await login(hc, uid("w"))
-            nid = national_id(570_000 + next(_ids))
+            nid = national_id(570_000 + next_id())
             pid = (await bind(hc, headers, nid)).json()["patient_id"]
 
             async def many(sid: str, n: int = 16) -> list[int]:
@@ -445,7 +428,7 @@ async def test_account_hash_fields_are_not_patient_ids(client: Client, app: Lite
     mirror: a patient id that names one is just an unknown patient."""
     sid = await session(client)
     h = await login(client, uid("u"))
-    await bind(client, h, national_id(580_000 + next(_ids)))
+    await bind(client, h, national_id(580_000 + next_id()))
     async with Engine.connect(redis_url) as eng:
         await eng.revoke_tokens(account_of(app, h), None, int(time.time()) - 10)
         fields = await eng.client.hkeys(K.binding_mirror(account_of(app, h)))

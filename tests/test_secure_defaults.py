@@ -16,7 +16,6 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
@@ -28,7 +27,6 @@ from api.settings import Settings, SettingsError
 from engine.pii import Crypto
 from engine.testing.servers import free_port
 from tests.apikit import ROOT
-from tests.enginekit import new_database
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -188,12 +186,6 @@ def test_api_serve_refuses_to_start_without_secrets() -> None:
 
 
 # ------------------------------------------------------------------ running
-
-
-@pytest.fixture(scope="module")
-async def db(pg_dsn: str) -> AsyncIterator[str]:
-    async with new_database(pg_dsn) as dsn:
-        yield dsn
 
 
 async def test_development_instance_says_so(redis_url: str, db: str,

@@ -13,9 +13,7 @@ import asyncio
 import functools
 import hashlib
 import hmac
-import itertools
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,40 +36,25 @@ from tests.apikit import (
     granian,
     import_sessions,
     login,
+    next_id,
     pay,
     payment_headers,
     server_env,
     settings,
+    uid,
 )
 from tests.asgikit import Answer, asgi_request
 from tests.enginekit import make_spec, new_database
 
 pytestmark = pytest.mark.timeout(120)
-_ids = itertools.count(1)
 Client = AsyncTestClient[Litestar]
 DEEP_ARRAY = b"[" * 1000 + b"]" * 1000
 DEEP_OBJECT = b'{"a":' * 1000 + b"1" + b"}" * 1000
 
 
-def uid(prefix: str) -> str:
-    return f"{prefix}{next(_ids)}"
-
-
-@pytest.fixture(scope="module")
-async def db(pg_dsn: str) -> AsyncIterator[str]:
-    async with new_database(pg_dsn) as dsn:
-        yield dsn
-
-
 @pytest.fixture(scope="module")
 async def app(redis_url: str, db: str) -> Litestar:
     return await flushed_app(redis_url, db)
-
-
-@pytest.fixture(scope="module")
-async def client(app: Litestar) -> AsyncIterator[Client]:
-    async with AsyncTestClient(app) as c:
-        yield c
 
 
 def is_problem(r: httpx.Response, status: int | tuple[int, ...], slug: str | None = None
@@ -107,7 +90,7 @@ async def session(client: Client, **kw: Any) -> str:
 
 async def account(client: Client) -> tuple[dict[str, str], str]:
     headers = await login(client, uid("u"))
-    return headers, await bind(client, headers, 700_000 + next(_ids))
+    return headers, await bind(client, headers, 700_000 + next_id())
 
 
 async def held(client: Client, headers: dict[str, str], sid: str, pid: str) -> str:
@@ -408,7 +391,7 @@ async def test_security_headers(client: Client) -> None:
     assert r.headers["cache-control"] == "no-store"
     assert r.headers["x-content-type-options"] == "nosniff"
     headers = {"Authorization": f"Bearer {r.json()['token']}"}
-    pid = await bind(client, headers, 800_000 + next(_ids))
+    pid = await bind(client, headers, 800_000 + next_id())
     for resp in (await client.get("/v1/patients", headers=headers),
                  await client.delete(f"/v1/patients/{pid}", headers=headers),
                  await client.get("/v1/patients", headers={"Authorization": "Bearer x"}),

@@ -7,10 +7,8 @@ accounts. Through the real app on the private Redis and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -29,34 +27,19 @@ from tests.apikit import (
     flushed_app,
     login,
     national_id,
+    next_id,
     pay,
+    uid,
 )
-from tests.enginekit import drain, make_spec, new_database
+from tests.enginekit import drain, make_spec
 
 pytestmark = pytest.mark.timeout(180)
-_ids = itertools.count(1)
 Client = AsyncTestClient[Litestar]
-
-
-def uid(prefix: str) -> str:
-    return f"{prefix}{next(_ids)}"
-
-
-@pytest.fixture(scope="module")
-async def db(pg_dsn: str) -> AsyncIterator[str]:
-    async with new_database(pg_dsn) as dsn:
-        yield dsn
 
 
 @pytest.fixture(scope="module")
 async def app(redis_url: str, db: str) -> Litestar:
     return await flushed_app(redis_url, db)
-
-
-@pytest.fixture(scope="module")
-async def client(app: Litestar) -> AsyncIterator[Client]:
-    async with AsyncTestClient(app) as c:
-        yield c
 
 
 def problem(r: httpx.Response, status: int, slug: str) -> dict[str, Any]:
@@ -187,7 +170,7 @@ async def test_audit_trail_says_who_did_what(client: Client, app: Litestar, db: 
     # A patient books; the clerk records the no-show; the operator lifts the ban.
     headers = await login(client, uid("u"))
     r = await client.post("/v1/patients", headers=headers, json={
-        "name": "张三", "phone": "13812345678", "national_id": national_id(900 + next(_ids))})
+        "name": "张三", "phone": "13812345678", "national_id": national_id(900 + next_id())})
     pid = r.json()["patient_id"]
     r = await client.post("/v1/holds", headers=headers,
                           json={"session_id": sid, "slot_id": "0800", "patient_id": pid})
@@ -198,7 +181,7 @@ async def test_audit_trail_says_who_did_what(client: Client, app: Litestar, db: 
     r = await client.post(f"/v1/admin/bookings/{hold_id}/attendance", headers=clerk,
                           json={"attended": False})
     assert r.status_code == 200, r.text
-    ref = a.crypto.id_hash(national_id(900 + next(_ids) - 1))
+    ref = a.crypto.id_hash(national_id(900 + next_id() - 1))
     assert (await client.delete(f"/v1/admin/patients/{ref}/ban", headers=op)).status_code == 200
     r = await client.post(f"/v1/admin/sessions/{sid}/suspend", headers=op, json={})
     assert r.status_code == 200 and r.json()["cancelled"] == 1, r.text
@@ -218,7 +201,7 @@ async def test_audit_trail_says_who_did_what(client: Client, app: Litestar, db: 
     assert (await client.delete(f"/v1/holds/{late}", headers=headers)).status_code == 200
     other = await login(client, uid("u"))
     r = await client.post("/v1/patients", headers=other, json={
-        "name": "李四", "phone": "13812345678", "national_id": national_id(950 + next(_ids))})
+        "name": "李四", "phone": "13812345678", "national_id": national_id(950 + next_id())})
     r = await client.post("/v1/holds", headers=other, json={
         "session_id": sid2, "slot_id": "0800", "patient_id": r.json()["patient_id"]})
     assert r.status_code == 201, r.text
