@@ -211,9 +211,12 @@ class ScriptRunner:
         self.calls_sent += len(batch)
         try:
             results = await self._pipeline_retrying(batch)
-            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-            if missing:
-                # The scripts did not run (restart, failover, SCRIPT FLUSH): load, go again.
+            # The scripts that did not run (restart, failover, SCRIPT FLUSH):
+            # load them and go again, a few times (a flush may come between).
+            for _ in range(5):
+                missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+                if not missing:
+                    break
                 for s in {batch[i][0].name: batch[i][0] for i in missing}.values():
                     await self.client.script_load(s.source)
                 again = await self._pipeline_retrying([batch[i] for i in missing])
