@@ -15,7 +15,8 @@ any, and changes nothing on a healthy one):
    (``restoreBooking``): a hold whose confirmation Redis lost becomes the
    booking; a hold PostgreSQL never saw paid is displaced only if that unit is
    needed; a record Redis holds as cancelled, refunded or displaced is never
-   revived. Ids stay above every id PostgreSQL has seen; suspended sessions
+   revived. A booking the arbiter recorded as a conflict's loser is cancelled
+   first (its unit is the winner's). Ids stay above every id PostgreSQL has seen; suspended sessions
    are suspended again.
 5. **Reopen** it under its marker (the same one if it was whole), recorded
    in PostgreSQL with the outbox position now written.
@@ -136,7 +137,14 @@ async def rebuild_session(engine: Engine, pool: Any, session_id: str) -> Rebuild
         status = await conn.fetchval("SELECT status FROM sessions WHERE id = $1", session_id)
         every_id = [r["id"] for r in await conn.fetch(
             "SELECT id FROM bookings WHERE session_id = $1", session_id)]
+        losers = [r["booking_id"] for r in await conn.fetch(
+            "SELECT booking_id FROM booking_conflicts WHERE session_id = $1", session_id)]
     loaded = await engine.load_session(spec, open_partition=False)
+    # A booking the arbiter found on a unit PostgreSQL had already booked
+    # (Redis lost a write and sold the unit again) ends first, if the writer
+    # could not end it then: its unit goes back to the booking that won.
+    for bid in losers:
+        await engine.cancel(bid, reason="conflict", force=True)
     restored = already = 0
     failed: list[str] = []
     kept: list[str] = []

@@ -15,7 +15,9 @@
     ARGV[6] random number in [0, 1) (anti-scalper delay)
   Output: JSON {o = OK, id, now, rp, pat, rq, late} | {o = NOT_FOUND} |
           {o = INVALID_STATE, st} | {o = CANCEL_DEADLINE, deadline_ms}
-          | {o = RECOVERING} while the partition is recovering
+          | {o = RECOVERING} while the partition is recovering (except the
+          arbiter's forced "conflict" cancel: PostgreSQL already decided it,
+          and rebuild needs the unit back for the booking that won)
 ]]
 -- @include codes
 -- @include bundle
@@ -31,7 +33,9 @@ if ARGV[4] ~= '0' and ARGV[4] ~= '1' then return bad('force must be 0 or 1') end
 if rnd == nil or rnd < 0 or rnd >= 1 then return bad('random must be in [0, 1)') end
 local now = server_now(ARGV[5])
 local k = bundle()
-if recovering(k) then return reply({o = RECOVERING, now = now}) end
+if recovering(k) and not (ARGV[4] == '1' and reason == 'conflict') then
+  return reply({o = RECOVERING, now = now})
+end
 local rec = get_rec(k.recs, id)
 if rec == nil or (acct ~= '' and rec.acct ~= acct) then
   return reply({o = NOT_FOUND, now = now, what = 'booking'})

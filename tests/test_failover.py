@@ -160,3 +160,133 @@ def test_the_cluster_helper_reports_roles(tmp_path: Any) -> None:
         assert cluster.role(cluster.primary_of("hy:{p1}:outbox")) == "master"
     finally:
         cluster.cleanup()
+
+
+async def test_a_failover_that_loses_acknowledged_writes(db_pool: asyncpg.Pool) -> None:
+    """The worst case of asynchronous replication, forced: the victim's
+    replica is frozen (SIGSTOP) while its primary goes on acknowledging holds
+    and confirmations that the writer commits to PostgreSQL; the primary is
+    killed -9 and the stale replica promoted. Redis has forgotten bookings
+    PostgreSQL keeps. The writer finds the rolled-back partition and closes
+    it; a unit sold twice before that is a recorded conflict whose later
+    booking is cancelled with its refund due; rebuild puts every committed
+    booking back, and nothing PostgreSQL committed is lost."""
+    cluster = RedisClusterServer(masters=3, replicas=1, node_timeout_ms=1000)
+    cluster.start()
+    try:
+        async with Engine.connect(cluster.url, config(cluster=True)) as eng:
+            # The promoted replica sells the forgotten units again.
+            specs = [make_spec(f"L{i}", dept=f"LD{i}", caps=(3000,)) for i in range(3)]
+            await import_sessions(eng, db_pool, specs)
+            victim_key = PartitionKeys(partition_of("LD0", "2026-12-01")).outbox
+            victim = cluster.primary_of(victim_key)
+            (replica,) = cluster.replicas_of(victim)
+            stop_writer = asyncio.Event()
+            writer = OutboxWriter(eng, db_pool, WriterConfig(block_ms=10))  # the guard: every 2 s
+            writer_task = asyncio.create_task(writer.run(stop_writer))
+            acked: set[str] = set()
+            done = asyncio.Event()
+
+            go = asyncio.Event()
+            go.set()
+
+            async def client(k: int) -> None:
+                i = 0
+                while not done.is_set():
+                    await go.wait()
+                    i += 1
+                    try:
+                        h = await eng.hold("L0", "0800", patient=f"l{k}-{i}", account=f"b{k}-{i}")
+                        if isinstance(h, Held):
+                            b = await eng.confirm(h.hold_id, f"pay-l{k}-{i}")
+                            if isinstance(b, Booked):
+                                acked.add(b.booking_id)
+                    except Exception:
+                        await asyncio.sleep(0.1)  # the primary is gone: back off
+                    await asyncio.sleep(0.01)
+
+            clients = [asyncio.create_task(client(k)) for k in range(6)]
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(replica.sigstop)
+            # Drop the replication link too: what the frozen replica's socket
+            # already holds it would still read on waking.
+            await asyncio.to_thread(victim.command, "CLIENT", "KILL", "TYPE", "replica")
+            frozen_at = len(acked)
+            await asyncio.sleep(0.6)  # acknowledged by the primary only
+            go.clear()  # (a pause, so the writer can catch up)
+            await asyncio.sleep(0.2)
+            forgotten = len(acked) - frozen_at
+            # Let the writer commit what the primary acknowledged.
+            for _ in range(100):
+                if writer.written >= len(acked):
+                    break
+                await asyncio.sleep(0.05)
+            # The writer is down through the failover (as it is while it backs
+            # off): the stale replica sells the forgotten units again.
+            stop_writer.set()
+            await asyncio.wait_for(writer_task, 60)
+            await asyncio.to_thread(victim.kill)
+            await asyncio.to_thread(replica.sigcont)
+            await asyncio.to_thread(cluster.wait_failover, victim_key, 30.0)
+            # What the promoted replica forgot of what PostgreSQL committed.
+            committed_then = [r["id"] for r in await db_pool.fetch(
+                "SELECT id FROM bookings WHERE status = 'booked'")]
+            lost_from_redis = 0
+            for bid in committed_then:
+                rec = await eng.record(bid)
+                if rec is None or rec.state != "b":
+                    lost_from_redis += 1
+            go.set()
+            await asyncio.sleep(1.5)
+            done.set()
+            await asyncio.wait_for(asyncio.gather(*clients), 60)
+            # The writer comes back: its guard finds the rollback and closes
+            # the partition; what the replica sold twice meets the arbiter.
+            writer = OutboxWriter(eng, db_pool, WriterConfig(block_ms=10))
+            await asyncio.wait_for(writer.run(asyncio.Event(), burst=True), 60)
+
+            committed = {r["id"]: (r["session_id"], r["unit"]) for r in await db_pool.fetch(
+                "SELECT id, session_id, unit FROM bookings WHERE status = 'booked'")}
+            conflicts = [dict(r) for r in await db_pool.fetch(
+                "SELECT booking_id, winner_booking_id FROM booking_conflicts")]
+            closed = list(writer.closed)
+
+            reports = await rebuild(eng, db_pool)
+            assert not any(r.failed for r in reports), reports
+            writer2 = OutboxWriter(eng, db_pool, WriterConfig(block_ms=20))
+            await asyncio.wait_for(writer2.run(asyncio.Event(), burst=True), 60)
+            audit = await run_audit(eng, db_pool)
+            assert audit.ok, audit.breaches
+
+            after = {r["id"]: (r["session_id"], r["unit"]) for r in await db_pool.fetch(
+                "SELECT id, session_id, unit FROM bookings WHERE status = 'booked'")}
+            # Every booking PostgreSQL committed is booked still, in Redis too,
+            # unless it lost its unit to an earlier booking (a recorded conflict).
+            losers = {c["booking_id"] for c in conflicts}
+            assert set(committed) - losers <= set(after)
+            for bid in after:
+                rec = await eng.record(bid)
+                assert rec is not None and rec.state == "b", bid
+            assert len(set(after.values())) == len(after), "a unit booked twice"
+            # A conflict's loser is cancelled with its refund due, once.
+            for c in conflicts:
+                assert c["booking_id"] not in after
+                assert await db_pool.fetchval(
+                    "SELECT count(*) FROM refunds WHERE booking_id = $1", c["booking_id"]) == 1
+            figures = {
+                "scenario": "replica frozen, primary killed: acknowledged writes lost",
+                "acknowledged": len(acked),
+                "acknowledged_while_the_replica_was_frozen": forgotten,
+                "committed_bookings_redis_forgot": lost_from_redis,
+                "partitions_closed_by_the_writer": closed,
+                "conflicts_caught": len(conflicts),
+                "bookings_lost_from_postgres": len(set(committed) - losers - set(after)),
+            }
+            REPORTS.mkdir(exist_ok=True)
+            (REPORTS / "failover-lost-writes.json").write_text(json.dumps(figures, indent=1))
+            print(json.dumps(figures))
+            assert forgotten > 0 and lost_from_redis > 0, figures  # the case was forced
+            assert closed, figures  # the writer saw the rollback
+            assert conflicts, figures  # and the arbiter the units sold twice
+    finally:
+        cluster.cleanup()

@@ -359,3 +359,30 @@ async def test_the_writer_closes_a_partition_whose_redis_lost_its_newest_writes(
             assert isinstance(h, Held) and h.unit not in after.booked_units.values()
     finally:
         redis.cleanup()
+
+
+async def test_a_closed_partition_takes_only_the_arbiters_cancel(
+        fresh_redis: Any, redis_url: str) -> None:
+    """While a partition is closed nothing changes, except the cancel of a
+    booking PostgreSQL's arbiter found on a unit it already had booked (force,
+    reason "conflict"): rebuild needs that unit back for the winner."""
+    async with Engine.connect(redis_url, config()) as eng:
+        await eng.load_session(make_spec("S1", caps=(3,)))
+        booked = []
+        for i in range(2):
+            h = await eng.hold("S1", "0800", patient=f"p{i}", account=f"a{i}")
+            assert isinstance(h, Held)
+            b = await eng.confirm(h.hold_id, f"pay{i}")
+            assert isinstance(b, Booked)
+            booked.append(b.booking_id)
+        ref = await eng.ref("S1")
+        assert ref is not None
+        await eng.close_partition(ref.partition)
+        for reason, force in (("patient", False), ("admin", True), ("conflict", False)):
+            r = await eng.cancel(booked[0], reason=reason, force=force)
+            assert isinstance(r, Refused) and r.reason is Reason.RECOVERING, (reason, r)
+        assert (await eng.cancel(booked[0], reason="conflict", force=True)).ok
+        rec = await eng.record(booked[0])
+        assert rec is not None and rec.state == "c"
+        rec = await eng.record(booked[1])
+        assert rec is not None and rec.state == "b"

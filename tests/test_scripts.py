@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -765,15 +766,30 @@ async def test_restore_booking_every_outcome(eng: Engine) -> None:
     assert audit.ok and audit.booked == 4, audit.breaches
 
 
+async def test_ids_never_go_below_the_clock(eng: Engine) -> None:
+    """A sequence rolled back (a replica promoted before it had the last
+    writes) never reissues an id: ids stay at or above server ms x 1000."""
+    await eng.load_session(make_spec(caps=(3,)))
+    h = await eng.hold("S1", "0800", patient="p1", account="a1")
+    assert isinstance(h, Held)
+    part, _, seq = h.hold_id.split(".")
+    await eng.client.set(PartitionKeys(int(part)).seq, "5")  # what a stale replica has
+    await asyncio.sleep(0.005)
+    h2 = await eng.hold("S1", "0800", patient="p2", account="a2")
+    assert isinstance(h2, Held)
+    assert int(h2.hold_id.split(".")[2]) >= h2.server_ms * 1000 > int(seq)
+
+
 async def test_raise_sequence_every_outcome(eng: Engine) -> None:
     await eng.load_session(make_spec(caps=(2,)))
     h = await eng.hold("S1", "0800", patient="p1", account="a1")
     assert isinstance(h, Held)
     part, _, seq = h.hold_id.split(".")
     assert not await eng.raise_sequence(f"{part}.S1.{int(seq) - 1}")  # already above
-    assert await eng.raise_sequence(f"{part}.S1.{int(seq) + 1000}")
+    # (ahead of the clock's floor, server ms x 1000, by some 1,000 s)
+    assert await eng.raise_sequence(f"{part}.S1.{int(seq) + 10**9}")
     h2 = await eng.hold("S1", "0800", patient="p2", account="a2")
-    assert isinstance(h2, Held) and int(h2.hold_id.split(".")[2]) == int(seq) + 1001
+    assert isinstance(h2, Held) and int(h2.hold_id.split(".")[2]) == int(seq) + 10**9 + 1
     key = PartitionKeys(int(part)).seq
     before = await dump(eng)
     for bad in ("", "-1", "1.5", "12a", "9" * 19):

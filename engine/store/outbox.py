@@ -9,9 +9,12 @@ never refused because a schedule row is late.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Any
 
 from engine.events import Booked, Cancelled, OutboxEvent, RefundDue
+
+log = logging.getLogger("haoyuan.writer")
 
 __all__ = ["record_booked", "record_cancelled", "record_event", "record_refund_due"]
 
@@ -34,7 +37,15 @@ async def record_booked(conn: Any, ev: Booked, eid: str) -> str | None:
         ev.id, ev.sid, ev.slot, ev.unit, ev.pat, ev.acct, ev.fee, ev.pay, at, eid,
     )
     if inserted is None:
-        exists = await conn.fetchval("SELECT 1 FROM bookings WHERE id = $1", ev.id)
+        exists = await conn.fetchrow(
+            "SELECT session_id, unit, patient_ref FROM bookings WHERE id = $1", ev.id)
+        if exists is not None and (exists["session_id"], exists["unit"],
+                                   exists["patient_ref"]) != (ev.sid, ev.unit, ev.pat):
+            # One id, two bookings: a Redis whose clock went back behind its
+            # ids (ids never go below server time x 1000). PostgreSQL keeps the
+            # first; the operator must look (rebuild puts Redis back to it).
+            log.error("writer: booking id %s reissued for another unit or patient (a Redis"
+                      " clock behind its ids?): kept the first; run `haoyuan audit`", ev.id)
         if exists is None:
             winner = await conn.fetchval(
                 "SELECT id FROM bookings WHERE session_id = $1 AND unit = $2"

@@ -862,6 +862,18 @@ class RedisClusterServer(_StartCleanupContext):
                             return node
         raise ServerError(f"no live primary owns slot {slot}")
 
+    def replicas_of(self, primary: RedisServer) -> list[RedisServer]:
+        """The live replicas that replicate ``primary`` (by its port)."""
+        out = []
+        for node in self.alive():
+            try:
+                info = _parse_info(str(node.command("INFO", "replication", timeout=1.0)))
+            except (OSError, ServerError):
+                continue
+            if info.get("role") == "slave" and info.get("master_port") == str(primary.port):
+                out.append(node)
+        return out
+
     def wait_failover(self, key: str, timeout: float = 30.0) -> RedisServer:
         """After ``key``'s primary died: wait until a live primary owns its
         slot (its replica was promoted, after the node timeout and an
