@@ -62,6 +62,8 @@ async def test_the_fhir_backend_example_runs_against_the_api(
         fresh_redis: Any, redis_url: str, fresh_pg_dsn: str) -> None:
     """examples/fhir_backend.py (the README's and the OpenAPI document's
     example): search, hold, book, cancel through /fhir/r4 of a real API."""
+    import datetime as dt
+
     import httpx
     import msgspec
 
@@ -69,8 +71,6 @@ async def test_the_fhir_backend_example_runs_against_the_api(
     from tests.apikit import ADMIN, granian, server_env
     from tests.enginekit import make_spec
     from tests.fhirkit import add_client
-
-    import datetime as dt
 
     day = (dt.datetime.now(dt.timezone(dt.timedelta(hours=8))).date()
            + dt.timedelta(days=2)).isoformat()

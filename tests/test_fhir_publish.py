@@ -22,10 +22,10 @@ from litestar.testing import AsyncTestClient
 
 from engine import Engine, Held
 from engine.config import PublishConfig
+from engine.schedule_import import import_sessions
 from engine.scheduling import ids
 from engine.scheduling import resources as R
 from engine.scheduling.publish import CST, BulkPublisher
-from engine.schedule_import import import_sessions
 from engine.store.scheduling import set_contact
 from tests import fhirkit as fk
 from tests.apikit import flushed_app

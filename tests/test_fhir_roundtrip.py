@@ -91,7 +91,7 @@ class Crowd:
             for _ in range(8):
                 body = msgspec.json.encode({"session_id": SID, "slot_id": slot,
                                             "patient_id": pid})
-                st, h, payload = await self.call("v1", "POST", "/v1/holds", {
+                st, _, payload = await self.call("v1", "POST", "/v1/holds", {
                     **headers, "Content-Type": "application/json"}, body)
                 if st in (429, 503):
                     await asyncio.sleep(0.2)
@@ -116,7 +116,7 @@ class Crowd:
         for slot in ("0800", "0830"):
             for _ in range(8):
                 body = msgspec.json.encode(fk.hold_body(SID, slot, nid))
-                st, h, payload = await self.call("fhir", "POST", "/fhir/r4/Appointment/$hold",
+                st, _, payload = await self.call("fhir", "POST", "/fhir/r4/Appointment/$hold",
                                                  fk.headers(auth), body)
                 if st in (429, 503):
                     await asyncio.sleep(0.2)

@@ -42,8 +42,8 @@ from tests.apikit import (
     payment_headers,
 )
 from tests.asgikit import asgi_request
-from tests.fhirkit import FHIR, add_client, book_body, hold_body
 from tests.enginekit import make_spec, new_database
+from tests.fhirkit import FHIR, add_client, book_body, hold_body
 
 pytestmark = pytest.mark.timeout(300)
 Client = AsyncTestClient[Litestar]

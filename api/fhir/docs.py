@@ -4,6 +4,8 @@ embedding backend (search, hold, book, cancel), the same flow as
 
 from __future__ import annotations
 
+from typing import Any
+
 from litestar.openapi.spec import Tag
 
 __all__ = ["FHIR_EXAMPLE", "FHIR_TAG"]
@@ -70,3 +72,75 @@ manifest `GET /fhir/r4/$bulk-publish`.
 """
 
 FHIR_TAG = Tag(name="fhir", description=FHIR_EXAMPLE)
+
+
+def _schema_object(required: list[str] | None = None) -> Any:
+    from litestar.openapi.spec import OpenAPIType, Schema
+
+    return Schema(type=OpenAPIType.OBJECT, required=required,
+                  properties={"resourceType": Schema(type=OpenAPIType.STRING)})
+
+
+_ERRORS = {401: "Not authenticated (a FHIR client token is required)",
+           403: "The client's scopes, or the patient's verification, do not allow this",
+           404: "Not found (or not the client's)", 405: "Method not allowed",
+           408: "The request body did not arrive in time", 409: "Refused in the current"
+           " state: sold-out, not-open, duplicate, expired, payment-reused, ...",
+           413: "Request body too large", 415: "The body is not application/fhir+json",
+           422: "Invalid input, or a patient that cannot be resolved",
+           429: "Rate limited or shed; see Retry-After",
+           503: "Recovering or a backing service is unavailable; see Retry-After"}
+
+
+def finish_fhir(openapi: Any) -> Any:
+    """The facade's operations answer FHIR: ``application/fhir+json`` (the
+    manifest ``application/json``, bulk files ``application/fhir+ndjson``)
+    and every error an OperationOutcome; bodies are FHIR resources."""
+    from litestar.openapi.spec import (
+        OpenAPIMediaType,
+        OpenAPIResponse,
+        OpenAPIType,
+        RequestBody,
+        Schema,
+    )
+
+    outcome = OpenAPIMediaType(schema=_schema_object(["resourceType", "issue"]))
+    for path, item in (openapi.paths or {}).items():
+        if not path.startswith("/fhir/"):
+            continue
+        for method in ("get", "put", "post", "delete", "patch"):
+            op = getattr(item, method, None)
+            if op is None:
+                continue
+            public = path.endswith(("/metadata", "/$bulk-publish")) or "/bulk/" in path
+            if path.endswith("/$bulk-publish"):
+                ok = {"application/json": OpenAPIMediaType(schema=Schema(
+                    type=OpenAPIType.OBJECT, required=["transactionTime", "request", "output"]))}
+            elif "/bulk/" in path:
+                ok = {"application/fhir+ndjson": OpenAPIMediaType(schema=Schema(
+                    type=OpenAPIType.STRING))}
+            else:
+                ok = {"application/fhir+json": OpenAPIMediaType(schema=_schema_object(
+                    ["resourceType"]))}
+            success = [c for c in op.responses if c.startswith("2")] or ["200"]
+            if path.endswith("$book"):
+                success = ["200", "201"]
+            responses: dict[str, Any] = {
+                c: OpenAPIResponse(description="A FHIR answer" if c != "201" else
+                                   "Booked (200: a replay)", content=ok) for c in success}
+            if public and method == "get" and path != "/fhir/r4/metadata":
+                responses["304"] = OpenAPIResponse(description="Not modified (If-None-Match)")
+            codes = {404, 405, 422, 503} if public else {401, 403, 404, 405, 409, 422, 429, 503}
+            if method in ("post", "put", "patch"):
+                codes |= {408, 413, 415}
+                media = "application/json-patch+json" if method == "patch" \
+                    else "application/fhir+json"
+                schema = Schema(type=OpenAPIType.ARRAY) if method == "patch" \
+                    else _schema_object(["resourceType"])
+                op.request_body = RequestBody(content={media: OpenAPIMediaType(schema=schema)},
+                                              required=True)
+            for c in sorted(codes):
+                responses[str(c)] = OpenAPIResponse(description=_ERRORS[c],
+                                                    content={"application/fhir+json": outcome})
+            op.responses = responses
+    return openapi
