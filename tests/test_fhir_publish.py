@@ -100,7 +100,8 @@ async def test_publisher_writes_valid_files_and_republishes_on_changes_only(
 
 
 async def test_the_api_serves_the_manifest_and_files(redis_url: str, fresh_pg_dsn: str) -> None:
-    app = await flushed_app(redis_url, fresh_pg_dsn, public_url="https://h.example")
+    app = await flushed_app(redis_url, fresh_pg_dsn, public_url="https://h.example",
+                            max_loop_lag_ms=0)
     async with AsyncTestClient(app) as client:
         empty = (await client.get("/fhir/r4/$bulk-publish")).json()
         assert empty["output"] == [] and empty["request"].endswith("/$bulk-publish")
