@@ -16,6 +16,7 @@ apply on top (the engine's).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Literal, cast
 
@@ -32,22 +33,34 @@ __all__ = ["client_of", "client_required", "take_quota"]
 
 _KEY = "haoyuan.fhir_client"
 _BEARER = {"WWW-Authenticate": 'Bearer realm="haoyuan-fhir"'}
-_CACHE: dict[str, tuple[FhirClient, float]] = {}
+_CACHE: dict[str, tuple[FhirClient | None, float]] = {}
+#: Lookups in flight: a spike of one client's requests shares one query.
+_PENDING: dict[str, asyncio.Future[FhirClient | None]] = {}
 AnyRequest = Request[Any, Any, Any]
 
 
 async def _client(api: Api, token: str) -> FhirClient | None:
     hit = _CACHE.get(token)
-    now = time.monotonic()
-    if hit is not None and hit[1] > now:
+    if hit is not None and hit[1] > time.monotonic():
         return hit[0]
-    client = await fhir_clients.authenticate(api.pool, token)
+    pending = _PENDING.get(token)
+    if pending is not None:
+        return await asyncio.shield(pending)
+    fut: asyncio.Future[FhirClient | None] = asyncio.get_running_loop().create_future()
+    _PENDING[token] = fut
+    try:
+        client = await fhir_clients.authenticate(api.pool, token)
+    except BaseException as exc:
+        fut.set_exception(exc)
+        fut.exception()  # retrieved: the callers that share it re-raise it
+        raise
+    finally:
+        del _PENDING[token]
+    fut.set_result(client)
     if client is not None:
         if len(_CACHE) > 10_000:
             _CACHE.clear()
-        _CACHE[token] = (client, now + api.settings.fhir_client_cache_s)
-    else:
-        _CACHE.pop(token, None)
+        _CACHE[token] = (client, time.monotonic() + api.settings.fhir_client_cache_s)
     return client
 
 
