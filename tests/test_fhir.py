@@ -128,6 +128,10 @@ async def test_slot_search_answers_free_busy_and_not_open_from_the_live_engine(
         f"/fhir/r4/Slot?schedule=Schedule/{ids.enc(later)}&start=ge2026-12-10"
         f"&practitioner=Practitioner/DR1&location=Location/H1", headers=auth), 200)
     assert body["total"] == 1
+    body = fk.fhir_json(await client.get(q + "&schedule.actor=Location/H1", headers=auth), 200)
+    assert body["total"] == 3
+    body = fk.fhir_json(await client.get(q + "&practitioner=Location/H1", headers=auth), 200)
+    assert body["total"] == 0 and "entry" not in body
     one = fk.fhir_json(await client.get(f"/fhir/r4/Slot/{free['id']}", headers=auth), 200)
     assert one["id"] == free["id"] and one["status"] == "free"
     fk.outcome(await client.get("/fhir/r4/Slot/nope.x", headers=auth), 404, "not-found",

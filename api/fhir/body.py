@@ -147,12 +147,8 @@ def decode_resource(raw: Any, typ: Any) -> Any:
     try:
         return msgspec.convert(raw, typ, strict=True)
     except msgspec.ValidationError as exc:
-        raise OutcomeError.of("invalid-input", "the resource does not match what is read of it",
-                              errors=None, server_ms=None) from _Quiet(str(exc))
-
-
-class _Quiet(Exception):
-    pass
+        raise OutcomeError.of("invalid-input", "the resource does not match what the operation"
+                              " reads: " + str(exc)[:200]) from None
 
 
 async def read_body(request: Request[Any, Any, Any], typ: Any,

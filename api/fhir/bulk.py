@@ -11,6 +11,7 @@ no files.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 from typing import Any
 
@@ -73,8 +74,6 @@ class BulkController(Controller):
                 "request": f"{base}/$bulk-publish", "output": out, "error": []})
 
         body = await api.catalog_cache.get("bulk-manifest", load)
-        import hashlib
-
         return _public(request, body, "application/json", hashlib.sha256(body).hexdigest()[:32])
 
     @get("/bulk/{name:str}", summary="One NDJSON file of the bulk publication (public)")

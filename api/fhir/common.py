@@ -4,6 +4,7 @@ client's own records."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Sequence
 from typing import Any
@@ -13,6 +14,7 @@ from litestar import Response
 
 from api.context import Api
 from api.fhir.outcomes import OutcomeError, fhir_response
+from api.routes.browse import _Shed  # the same cache entries as /v1's availability
 from engine.outcomes import Availability, Record, SessionAvailability
 from engine.scheduling import ids
 from engine.scheduling import resources as fhir
@@ -65,10 +67,6 @@ async def live(api: Api, session_ids: Sequence[str]) -> tuple[int, dict[str, Ses
     """Server time and the engine's live availability of sessions, through
     /v1's per-session micro-cache (a refresh storm costs one read per session
     and cache period)."""
-    import asyncio
-
-    from api.routes.browse import _Shed  # the same cache entries as /v1's
-
     async def one(sid: str) -> SessionAvailability | None:
         async def load() -> bytes:
             if not api.admission.enter():

@@ -40,6 +40,7 @@ from api.fhir.body import Parameters, read_body
 from api.fhir.outcomes import OutcomeError
 from engine.scheduling import ids
 from engine.scheduling import resources as fhir
+from engine.scheduling.publish import booking_link
 from engine.store.scheduling import SessionInfo
 
 __all__ = ["CapabilityController", "SearchController"]
@@ -113,8 +114,9 @@ class SlotQuery:
         return self.lower_ms, self.upper_ms
 
 
-def _refs(values: Iterable[str], kind: str) -> list[str]:
-    """Our ids of references ``<kind>/<id>`` (or bare ids); malformed ones match nothing."""
+def _refs(values: Iterable[str], kind: str, *, bare: bool = True) -> list[str]:
+    """Our ids of references ``<kind>/<id>`` (and bare ids where ``bare``);
+    references of another kind are left out, malformed ones match nothing."""
     out: list[str] = []
     for v in values:
         for item in v.split(","):
@@ -123,6 +125,8 @@ def _refs(values: Iterable[str], kind: str) -> list[str]:
                 t, _, item = item.rpartition("/")
                 if t.rsplit("/", 1)[-1] != kind:
                     continue
+            elif not bare:
+                continue
             got = ids.dec(item)
             out.append(got if got is not None else "\x00")
     return out
@@ -175,9 +179,18 @@ def _query(params: dict[str, list[str]], *, find: bool) -> SlotQuery:
         q.statuses = frozenset(st) or None
         if params.get("schedule"):
             q.sessions = _refs(params["schedule"], "Schedule")
-        docs = [*params.get("practitioner", []), *params.get("schedule.actor", [])]
-        places = [*params.get("location", []), *params.get("schedule.actor", [])]
+        actors = params.get("schedule.actor", [])
+        docs = params.get("practitioner", [])
+        places = params.get("location", [])
         depts = [*params.get("service-type", []), *params.get("specialty", [])]
+        # A parameter given matches only what it names (nothing, if it names
+        # nothing of its kind); schedule.actor narrows by the kinds it names.
+        for kind, own, attr in (("Practitioner", docs, "doctors"),
+                                ("Location", places, "hospitals")):
+            got = [*_refs(own, kind), *_refs(actors, kind, bare=False)]
+            if own or got:
+                setattr(q, attr, got)
+        docs = places = []
         q.count = _int(_first(params.get("_count")), "_count", 50, 1, 500)
         q.offset = _int(_first(params.get("_offset")), "_offset", 0, 0, 100_000)
     if docs:
@@ -201,8 +214,6 @@ async def _slots(api: Api, q: SlotQuery) -> list[tuple[int, dict[str, Any], Sess
     now_ms, live = await common.live(api, sorted({s.session_id for s, _, _ in picked}))
     out = []
     s = api.settings
-    from engine.scheduling.publish import booking_link
-
     for info, sl, start in picked:
         ls = live.get(info.session_id)
         lslot = next((x for x in ls.slots if x.slot_id == sl.slot_id), None) if ls else None
@@ -297,8 +308,6 @@ class SearchController(Controller):
         now_ms, live = await common.live(api, [info.session_id])
         ls = live.get(info.session_id)
         lslot = next((x for x in ls.slots if x.slot_id == sl.slot_id), None) if ls else None
-        from engine.scheduling.publish import booking_link
-
         s = api.settings
         return common.answer(fhir.slot(info, sl, ls, lslot, now_ms, booking_link=booking_link(
             s.booking_link, s.public_url, info, sl.slot_id)))

@@ -267,10 +267,12 @@ def bundle(base: str, resources: list[Json], *, total: int | None = None,
         out["total"] = total
     if links:
         out["link"] = [{"relation": rel, "url": url} for rel, url in links]
-    out["entry"] = [
+    entries = [
         {"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r,
          "search": {"mode": "outcome" if r["resourceType"] == "OperationOutcome" else "match"}}
         if "id" in r else
         {"resource": r, "search": {"mode": "outcome"}}
         for r in resources]
+    if entries:  # FHIR JSON has no empty arrays
+        out["entry"] = entries
     return out
