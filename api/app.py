@@ -27,6 +27,8 @@ from api.context import Api
 from api.docs import components, finish_openapi
 from api.errors import on_error, on_http, on_problem
 from api.fastpath import hold_fastpath
+from api.fhir import fhir_router
+from api.fhir.docs import FHIR_TAG, finish_fhir
 from api.hardening import harden
 from api.logs import configure_logging, request_context
 from api.problems import SECURITY_HEADERS, ProblemError
@@ -61,7 +63,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     handlers: list[Any] = [AuthController, PatientController, CatalogController,
                            AvailabilityController, HoldController, BookingController,
                            WaitlistController, AdminController, RulesController, StaffController,
-                           OpsController]
+                           OpsController, fhir_router()]
     if settings.bench_endpoints:
         handlers.append(hello)
     app = Litestar(
@@ -83,6 +85,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             render_plugins=([ScalarRenderPlugin(), SwaggerRenderPlugin()] if settings.docs_ui
                             else [JsonRenderPlugin()]),
             use_handler_docstrings=True,
+            tags=[FHIR_TAG],
         ),
         logging_config=None,
         request_class=StrictRequest,
@@ -91,7 +94,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         request_max_body_size=settings.max_body_bytes,
         debug=False,
     )
-    finish_openapi(app.openapi_schema)
+    finish_fhir(finish_openapi(app.openapi_schema))
     # Outermost, around Litestar's own exception handling: one wrapper for
     # every request (404s and 405s too), instead of a route middleware that
     # makes Litestar add a second exception-handling layer per route.

@@ -9,6 +9,9 @@
   PostgreSQL refuses as data (out of range, NUL in text): 422.
 - Anything else is a bug: logged (redacted, with the traceback) and answered
   as a 500 problem without details.
+
+Under ``/fhir/`` each of these answers is the problem's OperationOutcome
+(``api.fhir.outcomes.as_outcome``): the facade speaks FHIR, /v1 RFC 9457.
 """
 
 from __future__ import annotations
@@ -48,11 +51,23 @@ def _path(request: Request[Any, Any, Any]) -> str:
     return path
 
 
+def _fhir(path: str, resp: Response[Any]) -> Response[Any]:
+    if not path.startswith("/fhir/"):
+        return resp
+    from api.fhir.outcomes import as_outcome
+
+    return as_outcome(resp)
+
+
 def on_problem(request: Request[Any, Any, Any], exc: ProblemError) -> Response[Any]:
-    return exc.response
+    return _fhir(_path(request), exc.response)
 
 
 def on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    return _fhir(_path(request), _on_http(request, exc))
+
+
+def _on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     path = _path(request)
     code = exc.status_code
     if code == 400 or isinstance(exc, ValidationException):
@@ -105,4 +120,5 @@ def error_response(exc: Exception, path: str) -> Response[Any]:
 
 
 def on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    return error_response(exc, _path(request))
+    path = _path(request)
+    return _fhir(path, error_response(exc, path))

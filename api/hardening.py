@@ -67,6 +67,10 @@ class BodyDeadlines:
 async def send_problem(scope: Scope, send: Send, kind: str, detail: str,
                        headers: dict[str, str] | None = None) -> None:
     resp = problem(kind, detail, instance=None, headers=headers)
+    if cast(dict[str, Any], scope).get("path", "").startswith("/fhir/"):
+        from api.fhir.outcomes import as_outcome
+
+        resp = as_outcome(resp)
 
     async def no_body() -> ReceiveMessage:  # pragma: no cover - never read
         return cast("ReceiveMessage", {"type": "http.disconnect"})

@@ -40,7 +40,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from engine.config import (
+    DEFAULT_BOOKING_LINK,
     DEFAULT_PG_DSN,
+    DEFAULT_PUBLIC_URL,
     DEFAULT_REDIS_URL,
     ConfigError,
     EngineConfig,
@@ -160,6 +162,18 @@ class Settings:
     #: Take the client address from this request header (one your reverse
     #: proxy sets, e.g. x-real-ip) instead of the peer address.
     client_ip_header: str = ""
+
+    # -- the FHIR facade (/fhir/r4) and SMART bulk publishing (api.fhir)
+    #: Where clients reach this API (FHIR fullUrls, the bulk manifest's URLs).
+    public_url: str = DEFAULT_PUBLIC_URL
+    #: A Slot's booking deep link (see engine.config.DEFAULT_BOOKING_LINK).
+    booking_link: str = DEFAULT_BOOKING_LINK
+    #: How long a worker trusts a FHIR client token it checked (a disabled
+    #: client stops within this many seconds).
+    fhir_client_cache_s: float = 2.0
+    #: How long a worker remembers a patient the real-name authority verified
+    #: for a FHIR client (ID, name and phone; keyed hashes only).
+    fhir_verify_cache_s: float = 3600.0
 
     # -- ops
     writer_lag_max_ms: int = 30_000

@@ -9,6 +9,9 @@
     haoyuan rebuild [SESSION ...]        close, drain, rebuild from PostgreSQL, reopen
     haoyuan rebuild-bindings             Redis's binding mirror from PostgreSQL
     haoyuan staff add|list|disable       staff accounts with roles (token shown once)
+    haoyuan fhir-client add|list|disable backend clients of the FHIR facade (token shown once)
+    haoyuan fhir-location HOSPITAL ...   a hospital's phone and address for aggregators
+    haoyuan publish [--once]             SMART Scheduling Links bulk files (a worker)
     haoyuan demo [--quick] [--json]      the release-morning demo (starts what it needs)
     haoyuan bench engine|http|durability|cluster|peers|peking [--quick] [--json]
 
@@ -287,6 +290,102 @@ async def _staff(a: argparse.Namespace) -> int:
     return 0
 
 
+async def _fhir_client(a: argparse.Namespace) -> int:
+    """``fhir-client add NAME --scopes ...`` (prints the token, once), ``list``, ``disable``."""
+    import getpass
+
+    import asyncpg
+
+    from engine.store import fhir_clients as fc
+
+    who = "cli:" + getpass.getuser()
+    conn = await asyncpg.connect(a.pg_dsn)
+    try:
+        if not await conn.fetchval("SELECT to_regclass('fhir_clients') IS NOT NULL"):
+            print("haoyuan fhir-client: no fhir_clients table here; run haoyuan migrate first",
+                  file=sys.stderr)
+            return 1
+        if a.fhir_command == "add":
+            try:
+                client, token = await fc.add_client(
+                    conn, a.name, a.scopes, who, identity=a.identity, rate_per_s=a.rate_per_s,
+                    burst=a.burst)
+            except (ValueError, fc.ClientExists) as exc:
+                print(f"haoyuan fhir-client add: {exc}", file=sys.stderr)
+                return 1
+            print(json.dumps({"client_id": client.id, "name": client.name,
+                              "scopes": list(client.scopes), "identity": client.identity,
+                              "rate_per_s": client.rate_per_s, "burst": client.burst,
+                              "token": token}))
+            print("The token is shown once: hand it to the backend's operator; only its hash is"
+                  " stored.", file=sys.stderr)
+            return 0
+        if a.fhir_command == "disable":
+            done = await fc.disable_client(conn, a.name, who)
+            print(json.dumps({"name": a.name, "disabled": done}))
+            return 0 if done else 1
+        clients = await fc.list_clients(conn)
+    finally:
+        await conn.close()
+    if a.json:
+        print(msgspec.json.encode(clients).decode())
+    else:
+        print(f"{'id':<16} {'name':<24} {'identity':<8} {'rate/s':>7} disabled  scopes")
+        for c in clients:
+            print(f"{c.id:<16} {c.name:<24} {c.identity:<8} {c.rate_per_s:>7g} "
+                  f"{'yes' if c.disabled_at else 'no ':<9} {' '.join(c.scopes)}")
+    return 0
+
+
+async def _fhir_location(a: argparse.Namespace) -> int:
+    import asyncpg
+
+    from engine.store.scheduling import set_contact
+
+    contact: dict[str, Any] = {
+        "phone": a.phone, "url": a.url, "line": a.line or None, "city": a.city,
+        "district": a.district, "state": a.state, "postal_code": a.postal_code,
+        "country": a.country, "latitude": a.latitude, "longitude": a.longitude}
+    given = {k: ("" if v == [""] else v) for k, v in contact.items() if v is not None}
+    changes: dict[str, Any] = {k: (None if v == "" else v) for k, v in given.items()}
+    conn = await asyncpg.connect(a.pg_dsn)
+    try:
+        done = await set_contact(conn, a.hospital, changes)
+    finally:
+        await conn.close()
+    print(json.dumps({"hospital": a.hospital, "updated": done}))
+    return 0 if done else 1
+
+
+async def _publish(a: argparse.Namespace) -> int:
+    import asyncpg
+
+    from engine.config import EngineConfig, PublishConfig
+    from engine.engine import Engine
+    from engine.scheduling.publish import BulkPublisher
+
+    cfg = PublishConfig.from_env()
+    overrides = {k: v for k, v in (("public_url", a.public_url),
+                                   ("publish_min_interval_s", a.min_interval),
+                                   ("publish_check_s", a.check_every)) if v is not None}
+    if overrides:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, **overrides)
+    pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=2)
+    try:
+        async with Engine.connect(a.redis_url, EngineConfig.from_env()) as eng:
+            pub = BulkPublisher(eng, pool, cfg)
+            if a.once:
+                report = await pub.publish_once(force=True)
+                print(msgspec.json.encode(report).decode())
+            else:
+                await pub.run(_stop_event())
+    finally:
+        await pool.close()
+    return 0
+
+
 async def _demo(a: argparse.Namespace) -> int:
     from benchmarks.demo import run_demo
 
@@ -486,6 +585,60 @@ def build_parser() -> argparse.ArgumentParser:
                              formatter_class=_Help)
     q.add_argument("username")
     _conn(q)
+
+    p = cmd("fhir-client", _fhir_client, "backend clients of the FHIR facade (/fhir/r4): add "
+            "(prints the token once), list, disable")
+    fsub = p.add_subparsers(dest="fhir_command", required=True, metavar="ACTION")
+    q = fsub.add_parser("add", help="add a client; prints its token once (a JSON object: "
+                        "client_id, name, scopes, identity, rate_per_s, burst, token)",
+                        formatter_class=_Help)
+    q.add_argument("name", help="the client's name: a-z 0-9 . _ - (1..64)")
+    q.add_argument("--scopes", nargs="+", required=True,
+                   help="SMART system scopes: system/Slot.read, system/Appointment.read, "
+                        "system/Appointment.write (wildcards system/*.read ... allowed)")
+    q.add_argument("--identity", choices=("verify", "trusted"), default="verify",
+                   help="verify: every patient's ID, name and phone go to the real-name "
+                        "authority; trusted: the client vouches for its patients (the ID only)")
+    q.add_argument("--rate-per-s", type=float, default=50.0,
+                   help="the client's quota in requests per second (0: no quota of its own)")
+    q.add_argument("--burst", type=int, default=100, help="requests the quota allows at once")
+    _conn(q)
+    q = fsub.add_parser("list", help="every client", formatter_class=_Help)
+    q.add_argument("--json", action="store_true", help="as JSON")
+    _conn(q)
+    q = fsub.add_parser("disable", help="disable a client (by name or id): its token stops "
+                        "working within HAOYUAN_FHIR_CLIENT_CACHE_S seconds",
+                        formatter_class=_Help)
+    q.add_argument("name")
+    _conn(q)
+
+    p = cmd("fhir-location", _fhir_location, "a hospital's contact for aggregators (the SMART "
+            "Location): phone, url, address; an empty value removes one")
+    p.add_argument("hospital", help="the hospital id")
+    p.add_argument("--phone", help="the booking and contact phone")
+    p.add_argument("--url", help="the hospital's web site")
+    p.add_argument("--line", action="append", help="an address line (repeatable)")
+    for opt in ("city", "district", "state", "postal-code", "country"):
+        p.add_argument(f"--{opt}", help=f"the address's {opt.replace('-', ' ')}")
+    p.add_argument("--latitude", type=float, help="degrees")
+    p.add_argument("--longitude", type=float, help="degrees")
+    _conn(p)
+
+    p = cmd("publish", _publish, "SMART Scheduling Links bulk publishing: Location, Schedule and "
+            "Slot NDJSON files and their $bulk-publish manifest, regenerated when the schedule or "
+            "a slot's free/busy state changes (HAOYUAN_PUBLISH_*, HAOYUAN_PUBLIC_URL)")
+    _conn(p)
+    p.add_argument("--once", action="store_true",
+                   help="publish now and stop; prints {outcome, files, resources, ...}")
+    p.add_argument("--public-url", default=None,
+                   help="where clients reach the API ($HAOYUAN_PUBLIC_URL, default "
+                        "http://127.0.0.1:8000)")
+    p.add_argument("--min-interval", type=float, default=None,
+                   help="seconds between publications at least ($HAOYUAN_PUBLISH_MIN_INTERVAL_S,"
+                        " default 60)")
+    p.add_argument("--check-every", type=float, default=None,
+                   help="seconds between checks for a change ($HAOYUAN_PUBLISH_CHECK_S, "
+                        "default 5)")
 
     p = cmd("demo", _demo, "the release-morning demo (starts its own Redis, PostgreSQL, HIS "
             "simulator, API and workers unless HAOYUAN_REDIS_URL / HAOYUAN_PG_DSN are set)")

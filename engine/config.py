@@ -17,13 +17,16 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 __all__ = [
+    "DEFAULT_BOOKING_LINK",
     "DEFAULT_HIS_URL",
     "DEFAULT_PG_DSN",
+    "DEFAULT_PUBLIC_URL",
     "DEFAULT_REDIS_URL",
     "ConfigError",
     "Connections",
     "Durability",
     "EngineConfig",
+    "PublishConfig",
     "env_name",
     "parse_env",
 ]
@@ -32,6 +35,12 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 #: The one default database of the API and every worker.
 DEFAULT_PG_DSN = "postgresql://postgres@127.0.0.1:5432/haoyuan"
 DEFAULT_HIS_URL = "http://127.0.0.1:8090"
+#: Where clients reach the API (FHIR fullUrls, the SMART bulk manifest, deep links).
+DEFAULT_PUBLIC_URL = "http://127.0.0.1:8000"
+#: The booking deep link of a published Slot (SMART Scheduling Links): the
+#: placeholders {public_url}, {slot} (the Slot's FHIR id), {session_id},
+#: {slot_id} and {hospital} are filled in, URL-quoted.
+DEFAULT_BOOKING_LINK = "{public_url}/fhir/r4/Slot/{slot}"
 
 Durability = Literal["none", "aof-always", "aof-everysec", "wait"]
 _ENV_NAMES = {"cluster": "redis_cluster", "socket_timeout_s": "redis_timeout_s",
@@ -160,3 +169,35 @@ class Connections:
         return cls(redis_url=env.get("HAOYUAN_REDIS_URL") or DEFAULT_REDIS_URL,
                    pg_dsn=env.get("HAOYUAN_PG_DSN") or DEFAULT_PG_DSN,
                    his_url=env.get("HAOYUAN_HIS_URL") or DEFAULT_HIS_URL)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PublishConfig:
+    """SMART Scheduling Links bulk publishing (``haoyuan publish``; the API
+    reads ``public_url`` and ``booking_link`` too). Every field ``x`` is read
+    from ``HAOYUAN_X``."""
+
+    public_url: str = DEFAULT_PUBLIC_URL
+    booking_link: str = DEFAULT_BOOKING_LINK
+    #: Days ahead (from today, China Standard Time) whose sessions are published.
+    publish_horizon_days: int = 14
+    #: At most one publication per this many seconds (SMART clients poll a
+    #: manifest at most once a minute).
+    publish_min_interval_s: float = 60.0
+    #: How often the worker looks for a change (an import, a slot that sold
+    #: out or came back, a release).
+    publish_check_s: float = 5.0
+    #: Republish at least this often even without such a change (the free
+    #: counts of free slots move with every hold between publications).
+    publish_max_age_s: float = 900.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PublishConfig:
+        env = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(env_name(f.name))
+            if raw:
+                values[f.name] = parse_env(env_name(f.name), hints[f.name], raw)
+        return cls(**values)

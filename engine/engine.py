@@ -689,6 +689,26 @@ class Engine:
             return Availability(server_ms=await self.server_time_ms(), sessions=[])
         return await self._availability(refs, self.config.channel_pools.get(channel, "0"))
 
+    async def availabilities(
+        self, session_ids: Sequence[str], channel: str = "app", *, chunk: int = 100
+    ) -> tuple[int, dict[str, SessionAvailability]]:
+        """Server time and the availability of many sessions (unknown ones
+        left out): one read-only script per partition and ``chunk`` sessions,
+        run concurrently (batched like every call)."""
+        refs = [r for r in [await self.ref(s) for s in dict.fromkeys(session_ids)]
+                if r is not None]
+        groups: dict[int, list[SessionRef]] = {}
+        for r in refs:
+            groups.setdefault(r.partition, []).append(r)
+        pools = self.config.channel_pools.get(channel, "0")
+        calls = [self._availability(g[i:i + chunk], pools)
+                 for g in groups.values() for i in range(0, len(g), chunk)]
+        if not calls:
+            return await self.server_time_ms(), {}
+        got = await asyncio.gather(*calls)
+        return (min(a.server_ms for a in got),
+                {s.session_id: s for a in got for s in a.sessions})
+
     async def _availability(self, refs: list[SessionRef], pools: str = "0") -> Availability:
         keys: list[str] = []
         for r in refs:

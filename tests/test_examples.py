@@ -55,3 +55,41 @@ async def test_the_embedding_example_runs(fresh_redis: Any, redis_url: str) -> N
     text = out.decode()
     assert "held unit 1" in text and "second patient: sold-out" in text
     assert "audit ok: True (capacity 1, booked 1)" in text
+
+
+@pytest.mark.timeout(120)
+async def test_the_fhir_backend_example_runs_against_the_api(
+        fresh_redis: Any, redis_url: str, fresh_pg_dsn: str) -> None:
+    """examples/fhir_backend.py (the README's and the OpenAPI document's
+    example): search, hold, book, cancel through /fhir/r4 of a real API."""
+    import datetime as dt
+
+    import httpx
+    import msgspec
+
+    from engine.store.migrate import migrate
+    from tests.apikit import ADMIN, granian, server_env
+    from tests.enginekit import make_spec
+    from tests.fhirkit import add_client
+
+    day = (dt.datetime.now(dt.timezone(dt.timedelta(hours=8))).date()
+           + dt.timedelta(days=2)).isoformat()
+    await migrate(fresh_pg_dsn)
+    auth = await add_client(fresh_pg_dsn, "example-backend", identity="trusted")
+    with granian(server_env(redis_url, fresh_pg_dsn), workers=1) as base:
+        async with httpx.AsyncClient(base_url=base) as c:
+            r = await c.post("/v1/admin/sessions", headers={**ADMIN, "Content-Type":
+                                                            "application/json"},
+                             content=msgspec.json.encode([make_spec("EX1", date=day)]))
+            assert r.status_code == 200, r.text
+        p = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "examples" / "fhir_backend.py"), base,
+            auth["Authorization"][7:], cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await p.communicate()
+    assert p.returncode == 0, (out + err).decode()
+    text = out.decode()
+    assert f"slot EX1.0800 at {day}T08:00:00+08:00" in text
+    assert "retried hold answers the same: True" in text
+    assert "second hold for the patient: 409 duplicate" in text
+    assert "booked: 201 booked" in text and "cancelled: 200 cancelled" in text

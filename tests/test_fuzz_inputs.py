@@ -32,16 +32,25 @@ from hypothesis import strategies as st
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from tests.apikit import ADMIN_TOKEN, bind, flushed_app, import_sessions, login, payment_headers
+from tests.apikit import (
+    ADMIN_TOKEN,
+    bind,
+    flushed_app,
+    import_sessions,
+    login,
+    national_id,
+    payment_headers,
+)
 from tests.asgikit import asgi_request
 from tests.enginekit import make_spec
+from tests.fhirkit import FHIR, add_client, book_body, hold_body
 
 pytestmark = pytest.mark.timeout(300)
 Client = AsyncTestClient[Litestar]
 _PARAM = re.compile(r"\{(\w+):\w+\}")
 HEADERS = (b"authorization", b"content-type", b"content-length", b"idempotency-key",
            b"x-payment-timestamp", b"x-payment-signature", b"x-request-id", b"accept",
-           b"cookie", b"host", b"origin")
+           b"cookie", b"host", b"origin", b"if-none-exist", b"if-none-match")
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +61,10 @@ async def client(redis_url: str, db: str) -> AsyncIterator[Client]:
 
 
 @pytest.fixture(scope="module")
-async def world(client: Client) -> dict[str, str]:
-    """A session, an account A with a patient and a hold, an account B with a booking."""
-    await import_sessions(client, [make_spec("FZ1", dept="FZD", caps=(5,))])
+async def world(client: Client, db: str) -> dict[str, str]:
+    """A session, an account A with a patient and a hold, an account B with a
+    booking, a FHIR client with a held Appointment."""
+    await import_sessions(client, [make_spec("FZ1", dept="FZD", caps=(5, 2))])
     a = await login(client, "fuzz-a")
     pa = await bind(client, a, 910_001)
     b = await login(client, "fuzz-b")
@@ -67,7 +77,14 @@ async def world(client: Client) -> dict[str, str]:
     path = f"/v1/holds/{other}/confirm"
     assert (await client.post(path, content=body,
                               headers=payment_headers(body, path=path))).status_code == 200
-    return {"token": a["Authorization"][7:], "patient": pa, "hold": hold, "booking": other}
+    fhir = await add_client(db, "fuzz-backend")
+    held = await client.post("/fhir/r4/Appointment/$hold", headers={**fhir, "Content-Type": FHIR},
+                             content=msgspec.json.encode(hold_body("FZ1", "0830",
+                                                                   national_id(910_003))))
+    assert held.status_code == 200, held.text
+    return {"token": a["Authorization"][7:], "patient": pa, "hold": hold, "booking": other,
+            "fhir": fhir["Authorization"][7:],
+            "appointment": held.json()["entry"][0]["resource"]["id"]}
 
 
 def _routes(app: Litestar) -> list[tuple[str, str]]:
@@ -83,12 +100,19 @@ def _base(method: str, template: str, w: dict[str, str]) -> dict[str, Any]:
               "patient_id": str(uuid.UUID(int=7)), "patient_ref": "no-such-ref",
               "binding_id": str(uuid.UUID(int=8)), "account_id": "no-such-account",
               "hold_id": w["hold"] if method == "GET" else nowhere,
+              "appt_id": w["appointment"] if method == "GET" else "7.NOSUCH.1",
+              "name": "locations.ndjson",
               "booking_id": w["booking"] if method == "GET" else nowhere}
     if template.startswith("/v1/admin/sessions/{session_id:str}/resume"):
         params["session_id"] = "NOSUCH"
     headers: dict[bytes, bytes] = {b"content-type": b"application/json"}
     if template.startswith("/v1/admin"):
         headers[b"authorization"] = f"Bearer {ADMIN_TOKEN}".encode()
+    elif template.startswith("/fhir/"):
+        headers[b"authorization"] = f"Bearer {w['fhir']}".encode()
+        headers[b"content-type"] = FHIR.encode()
+        if template.endswith("{appt_id:str}") and method == "PATCH":
+            headers[b"content-type"] = b"application/json-patch+json"
     elif template.startswith(("/v1/patients", "/v1/holds", "/v1/bookings")) or (
             template.endswith("/waitlist") or "/waitlist/" in template):
         headers[b"authorization"] = f"Bearer {w['token']}".encode()
@@ -109,10 +133,23 @@ def _base(method: str, template: str, w: dict[str, str]) -> dict[str, Any]:
         ("PUT", "/v1/admin/rules/{hospital_id:str}"): {"default": {"no_show_limit": -1}},
         ("POST", "/v1/admin/holds"): {"session_id": "FZ1", "slot_id": "0800",
                                       "patient_ref": "r", "channel": "nope"},
+        # The facade: refused before anything is written (an invalid ID, no
+        # such appointment, a status that cannot be set, no search window).
+        ("POST", "/fhir/r4/Appointment/$hold"): hold_body("FZ1", "0800", "110101199003071231"),
+        ("POST", "/fhir/r4/Appointment/$book"): book_body("7.NOSUCH.1", "fz-p"),
+        ("POST", "/fhir/r4/Appointment/{appt_id:str}/$book"): book_body("7.NOSUCH.1", "fz-p"),
+        ("POST", "/fhir/r4/Appointment/$find"): {"resourceType": "Parameters"},
+        ("PUT", "/fhir/r4/Appointment/{appt_id:str}"): {"resourceType": "Appointment",
+                                                        "status": "booked"},
+        ("PATCH", "/fhir/r4/Appointment/{appt_id:str}"): [
+            {"op": "replace", "path": "/status", "value": "booked"}],
     }
     body = msgspec.json.encode(bodies[(method, template)]) if (method, template) in bodies else b""
     query: dict[str, str] = {}
-    if template == "/v1/sessions":
+    if template in ("/fhir/r4/Slot", "/fhir/r4/Appointment/$find"):
+        query = {"start": "ge2026-12-01", "end": "2026-12-02", "status": "free",
+                 "_count": "5"}
+    elif template == "/v1/sessions":
         query = {"from": "2026-12-01", "to": "2026-12-02", "hospital": "H1", "dept": "FZD",
                  "doctor": "DR1"}
     elif template == "/v1/admin/sessions":
@@ -262,6 +299,8 @@ def test_generated_bytes_never_5xx_and_refusals_change_nothing(
             ctype = answer.header(b"content-type") or b""
             if req["template"].startswith(("/v1", "/problems", "/readyz", "/metrics")):
                 assert ctype.startswith(b"application/problem+json"), (where, answer)
+            elif req["template"].startswith("/fhir/"):  # OperationOutcome, not RFC 9457
+                assert ctype.startswith(b"application/fhir+json"), (where, answer)
         after = client.blocking_portal.call(state.snapshot)
         if answer.status >= 400:
             changed = {k for k in after.keys() | seen["now"].keys()

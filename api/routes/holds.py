@@ -36,10 +36,10 @@ from api.auth import Bearer
 from api.context import Api, api_of
 from api.docs import ACCOUNT, PAYMENT, errors
 from api.guards import account_of, account_required, bearer_of, payment_signed
+from api.paying import PaymentRefused, confirm_paid
 from api.problems import REASONS, ProblemError, json_response, problem, refused, retry_after
 from api.schemas import HOLD_ID_RE, BookingOut, HoldIn, HoldOut, HoldView, PaymentIn, ReleasedOut
 from engine.outcomes import MESSAGES, Held, Reason, Record, RecordState, Refused
-from engine.store import payments
 
 log = structlog.get_logger("haoyuan.api")
 _encode = msgspec.json.Encoder().encode
@@ -241,27 +241,15 @@ class HoldController(Controller):
         if not api.admission.enter():
             return shed(api, "confirm", path)
         try:
-            # The reference is claimed for this hold in PostgreSQL first (its
-            # unique key): a reference that paid for another hold books nothing.
-            owner = await payments.claim(api.pool, data.payment_ref, hold_id, data.amount)
-            if owner is not None:
-                api.metrics.decision("confirm", "payment-reused")
-                log.warning("payment_reused", hold_id=hold_id, payment_ref=data.payment_ref)
-                await payments.record_refund(api.pool, data.payment_ref, hold_id, data.amount,
-                                             "payment-reused")
-                return problem("payment-reused", "refused and recorded for refund",
-                               instance=path, refund_due=True)
-            out = await api.engine.confirm(hold_id, data.payment_ref)
+            out = await confirm_paid(api, hold_id, data.payment_ref, data.amount)
         finally:
             api.admission.leave()
+        if isinstance(out, PaymentRefused):
+            api.metrics.decision("confirm", out.kind)
+            return problem(out.kind, "refused and recorded for refund", instance=path,
+                           server_ms=out.server_ms, refund_due=True)
         if isinstance(out, Refused):
             api.metrics.decision("confirm", out.reason.value)
-            if out.reason is Reason.INVALID_STATE and out.state == "paid":
-                # A second payment for a paid hold books nothing: keep it for the refund.
-                await payments.record_refund(api.pool, data.payment_ref, hold_id, data.amount,
-                                             "already-paid")
-                return problem("already-paid", "refused and recorded for refund",
-                               instance=path, server_ms=out.server_ms or None, refund_due=True)
             return refused(out, path)
         api.metrics.decision("confirm", "booked")
         body = BookingOut(booking_id=out.booking_id, session_id=out.session_id,
