@@ -33,8 +33,9 @@ from engine.forwarder import his_lag
 from engine.identity import RealNameVerifier
 from engine.identity.http import HttpRealNameVerifier
 from engine.identity.simulator import SimulatedRealName
-from engine.keys import ID_RE
+from engine.keys import ID_RE, partition_of_record
 from engine.outcomes import Availability
+from engine.payments.wechat import WechatPay
 from engine.store import bindings
 from engine.store.migrate import migrate
 from engine.writer import outbox_lag
@@ -98,6 +99,8 @@ class Api:
             else SimulatedRealName()
         )
         self.body_deadlines = BodyDeadlines(s.body_timeout_s)
+        #: WeChat Pay (verifies and decrypts notifications); None: not configured.
+        self.wxpay: WechatPay | None = WechatPay(s.wxpay) if s.wxpay is not None else None
         self.engine: Engine = Engine.connect(s.redis_url, s.engine_config())
         self._pool: asyncpg.Pool | None = None
         self._ops: MicroCache[str, OpsStatus] = MicroCache(int(s.ops_cache_s * 1000))
@@ -151,6 +154,8 @@ class Api:
         await self.engine.aclose()
         await self.verifier.aclose()
         await self.realname.aclose()
+        if self.wxpay is not None:
+            await self.wxpay.aclose()
 
     async def _recalibrate(self) -> None:
         while not self._stop.is_set():
@@ -176,6 +181,14 @@ class Api:
             return frozenset(r["partition"] for r in rows)
 
         return partition in await self._known_parts.get("all", load)
+
+    async def record_recovering(self, record_id: str) -> bool:
+        """A hold or booking Redis does not have, in a partition that is recovering."""
+        try:
+            partition = partition_of_record(record_id)
+        except ValueError:
+            return False
+        return await self.recovering(partition)
 
     async def session_recovering(self, session_id: str) -> bool:
         """A session PostgreSQL has that Redis lost (the engine answered

@@ -111,7 +111,7 @@ async def refund_notified(db: Any, n: RefundNotice) -> bool:
             n.out_refund_no, n.status)
     else:
         return False
-    return tag != "UPDATE 0"
+    return bool(tag != "UPDATE 0")
 
 
 _CLAIM = f"""

@@ -24,6 +24,7 @@ included) sees a revoked token at once.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from typing import Annotated, Any
 
@@ -39,7 +40,7 @@ from api.guards import account_of, account_required, bearer_of, payment_signed
 from api.problems import REASONS, ProblemError, json_response, problem, refused, retry_after
 from api.schemas import HOLD_ID_RE, BookingOut, HoldIn, HoldOut, HoldView, PaymentIn, ReleasedOut
 from engine.outcomes import MESSAGES, Held, Reason, Record, RecordState, Refused
-from engine.store import payments
+from engine.payments.intake import Incoming, take_payment
 
 log = structlog.get_logger("haoyuan.api")
 _encode = msgspec.json.Encoder().encode
@@ -228,41 +229,44 @@ class HoldController(Controller):
         recorded for refund."""
         api = api_of(request)
         path: str = request.scope["path"]
-        rec = None if not HOLD_ID_RE.fullmatch(hold_id) else await api.engine.record(hold_id)
-        if rec is None:
-            raise await recovering_or_not_found(api, hold_id, path, "hold")
         log.info("payment_callback", hold_id=hold_id, payment_ref=data.payment_ref,
                  amount=data.amount)
-        fee = rec.fee
-        if fee is not None and fee != data.amount:
-            api.metrics.decision("confirm", "amount-mismatch")
-            return problem("amount-mismatch", f"the fee of this hold is {int(fee)}",
-                           instance=path)
         if not api.admission.enter():
             return shed(api, "confirm", path)
         try:
-            # The reference is claimed for this hold in PostgreSQL first (its
-            # unique key): a reference that paid for another hold books nothing.
-            owner = await payments.claim(api.pool, data.payment_ref, hold_id, data.amount)
-            if owner is not None:
-                api.metrics.decision("confirm", "payment-reused")
-                log.warning("payment_reused", hold_id=hold_id, payment_ref=data.payment_ref)
-                await payments.record_refund(api.pool, data.payment_ref, hold_id, data.amount,
-                                             "payment-reused")
-                return problem("payment-reused", "refused and recorded for refund",
-                               instance=path, refund_due=True)
-            out = await api.engine.confirm(hold_id, data.payment_ref)
+            # The ledger first (engine.payments.intake), then the engine: a
+            # payment for an unknown hold, of the wrong amount or for a hold
+            # already paid books nothing and is refunded.
+            taken = await take_payment(api.engine, api.pool, Incoming(
+                provider="callback", transaction_id=data.payment_ref, hold_id=hold_id,
+                payment_ref=data.payment_ref, amount=data.amount,
+                paid_at=dt.datetime.now(dt.UTC)), recovering=api.record_recovering)
         finally:
             api.admission.leave()
-        if isinstance(out, Refused):
-            api.metrics.decision("confirm", out.reason.value)
-            if out.reason is Reason.INVALID_STATE and out.state == "paid":
-                # A second payment for a paid hold books nothing: keep it for the refund.
-                await payments.record_refund(api.pool, data.payment_ref, hold_id, data.amount,
-                                             "already-paid")
+        out = taken.booked
+        if out is None:
+            api.metrics.decision("confirm", taken.reason or taken.kind)
+            if taken.reason == "recovering":
+                return refused(recovering_now(api), path)
+            if taken.reason == "not-found":
+                return problem("not-found", "no such hold; the payment is refunded",
+                               instance=path, refund_due=True)
+            if taken.reason == "amount-mismatch":
+                return problem("amount-mismatch", f"the fee of this hold is {int(taken.fee or 0)};"
+                               " the payment is refunded", instance=path, refund_due=True)
+            if taken.reason == "payment-reused":
+                log.warning("payment_reused", hold_id=hold_id, payment_ref=data.payment_ref)
+                return problem("payment-reused", "refused and recorded for refund",
+                               instance=path, refund_due=True)
+            r = taken.refused
+            if taken.reason == "already-paid":
                 return problem("already-paid", "refused and recorded for refund",
-                               instance=path, server_ms=out.server_ms or None, refund_due=True)
-            return refused(out, path)
+                               instance=path, server_ms=(r.server_ms if r else 0) or None,
+                               refund_due=True)
+            if r is not None:
+                return refused(r, path)
+            return problem("invalid-state", instance=path)
+        fee = taken.fee
         api.metrics.decision("confirm", "booked")
         body = BookingOut(booking_id=out.booking_id, session_id=out.session_id,
                           slot_id=out.slot_id, unit=out.unit, status="booked",

@@ -227,7 +227,10 @@ class WechatPayConfig:
             if not value:
                 raise ValueError(f"HAOYUAN_WXPAY_{v} is not set")
             got[v.lower()] = value
-        return cls(**got, base_url=env.get("HAOYUAN_WXPAY_URL") or GATEWAY,
+        return cls(mchid=got["mchid"], appid=got["appid"], apiv3_key=got["apiv3_key"],
+                   private_key=got["private_key"], serial=got["serial"],
+                   public_key=got["public_key"], public_key_id=got["public_key_id"],
+                   base_url=env.get("HAOYUAN_WXPAY_URL") or GATEWAY,
                    timeout_s=float(env.get("HAOYUAN_WXPAY_TIMEOUT_S") or 5.0))
 
     def problems(self) -> list[tuple[str, str]]:
