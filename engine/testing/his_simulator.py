@@ -821,15 +821,18 @@ class SimulatorProcess:
     ``with SimulatorProcess(SimConfig()) as sim: ... sim.url ...``
     """
 
+    #: The module run with ``python -m`` (it takes --host, --port, --config).
+    module = "engine.testing.his_simulator"
+
     def __init__(
         self,
-        config: SimConfig | None = None,
+        config: Any = None,
         *,
         host: str = "127.0.0.1",
         port: int | None = None,
         startup_timeout: float = 20.0,
     ) -> None:
-        self.config = config or SimConfig()
+        self.config = config if config is not None else SimConfig()
         self.host = host
         self.port = port
         self.startup_timeout = startup_timeout
@@ -859,7 +862,7 @@ class SimulatorProcess:
         cmd = [
             sys.executable,
             "-m",
-            "engine.testing.his_simulator",
+            self.module,
             "--host",
             self.host,
             "--port",
