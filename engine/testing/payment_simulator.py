@@ -129,7 +129,7 @@ class PaySim:
         self.transactions: dict[str, Json] = {}
         self.refunds: dict[str, Json] = {}
         self.bills: dict[str, bytes] = {}
-        self.tamper: list[Json] = []
+        self.tamper: list[dict[str, Any]] = []
         self.delivered: list[int] = []
         self._seq = 0
 
@@ -305,7 +305,8 @@ def _bill(sim: PaySim, bill_date: str) -> bytes:
     c = sim.config
     hidden = {t["transaction_id"] for t in sim.tamper if t["action"] == "hide_trade"}
     hidden_refunds = {t["out_refund_no"] for t in sim.tamper if t["action"] == "hide_refund"}
-    amounts = {t["transaction_id"]: t["amount"] for t in sim.tamper if t["action"] == "amount"}
+    amounts: dict[str, int] = {t["transaction_id"]: int(t["amount"]) for t in sim.tamper
+                               if t["action"] == "amount"}
     lines = [head]
     count = total = refunded = 0
 
@@ -315,7 +316,7 @@ def _bill(sim: PaySim, bill_date: str) -> bytes:
     for tx in sim.transactions.values():
         if tx["success_time"][:10] != bill_date or tx["transaction_id"] in hidden:
             continue
-        amount = amounts.get(tx["transaction_id"], tx["amount"])
+        amount: int = amounts.get(tx["transaction_id"]) or tx["amount"]
         count += 1
         total += amount
         lines.append(row([tx["success_time"].replace("T", " ")[:19], c.appid, c.mchid, "0", "",
@@ -415,7 +416,7 @@ def _resource(sim: PaySim, tx: Json, *, mchid: str | None = None) -> Json:
 
 @post("/_sim/pay", status_code=200)
 async def pay(data: PayIn, sim: PaySim) -> Json:
-    tx = {"transaction_id": data.transaction_id or sim.next_no("42"),
+    tx: Json = {"transaction_id": data.transaction_id or sim.next_no("42"),
           "out_trade_no": order_no(data.hold_id), "attach": data.hold_id, "amount": data.amount,
           "success_time": _now_cst()}
     if data.tamper != "mchid":
