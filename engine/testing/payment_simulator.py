@@ -462,7 +462,8 @@ async def refund_notify(data: Again, sim: PaySim) -> Json:
                            "payer_total": r["total"], "payer_refund": r["refund"]}}
     headers, body = sim.notification(f"REFUND.{view['status']}", "refund", resource)
     return {"status_code": await _deliver(sim, data.notify_url or sim.config.notify_url,
-                                          headers, body)}
+                                          headers, body),
+            "headers": headers, "body": body.decode()}
 
 
 class Tamper(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
