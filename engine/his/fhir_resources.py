@@ -154,6 +154,20 @@ def patient_resource(p: HisPatient) -> Json:
     }
 
 
+def subscription_resource(endpoint: str, token: str) -> Json:
+    """The R4 Subscription a hospital's FHIR server is asked to hold for us: a
+    rest-hook on our Appointments with criteria true in every state (a cancel
+    is never silent), no payload (a ping; we search), our bearer token."""
+    return {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "haoyuan: window and phone cancels, 停诊, arrivals and no-shows",
+        "criteria": f"Appointment?identifier={SYS_BOOKING}%7C",
+        "channel": {"type": "rest-hook", "endpoint": endpoint,
+                    "header": [f"Authorization: Bearer {token}"]},
+    }
+
+
 def instant(value: str, tz: tzinfo = CST) -> str:
     """An ISO datetime as a FHIR ``instant`` (naive values are read in ``tz``)."""
     dt = datetime.fromisoformat(value)

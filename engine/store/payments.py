@@ -197,7 +197,9 @@ async def refund_for_booking(db: Queryable, booking_id: str, payment_ref: str, f
         " WHERE payment_ref = $1 AND (hold_id = $2 OR hold_id IS NULL)"
         " ORDER BY first_seen_at LIMIT 1", payment_ref, booking_id)
     if r is None:
-        return await ensure_refund(db, provider="manual", transaction_id=payment_ref,
+        # No ledger row (the engine confirmed without it): the booking is the
+        # payment's identity here, and finance pays it out.
+        return await ensure_refund(db, provider="manual", transaction_id=booking_id,
                                    booking_id=booking_id, cause=cause, reason=reason,
                                    amount=fee, total=fee)
     return await ensure_refund(db, provider=r["provider"], transaction_id=r["transaction_id"],

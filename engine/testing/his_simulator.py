@@ -623,27 +623,32 @@ def _change(sim: SimState, stored: Json, **fields: Any) -> Json:
     return updated
 
 
+def subscription_notification(event: int, focus: list[str], timestamp: str) -> Json:
+    """An R4 Subscription notification (the backport IG's ``history`` Bundle,
+    id-only): its first entry is the subscription status."""
+    return {
+        "resourceType": "Bundle", "type": "history", "timestamp": timestamp,
+        "entry": [{
+            "fullUrl": "urn:uuid:8c4a6b7e-0000-4000-8000-00000000000" + str(event % 10),
+            "resource": {"resourceType": "Parameters", "parameter": [
+                {"name": "subscription", "valueReference": {"reference": "Subscription/hy"}},
+                {"name": "status", "valueCode": "active"},
+                {"name": "type", "valueCode": "event-notification"},
+                {"name": "events-since-subscription-start", "valueString": str(event)},
+                *({"name": "notification-event", "part": [
+                    {"name": "event-number", "valueString": str(event)},
+                    {"name": "focus", "valueReference": {"reference": f}}]} for f in focus)]},
+            "request": {"method": "GET", "url": "Subscription/hy/$status"},
+            "response": {"status": "200"}}]}
+
+
 async def _notify(sim: SimState, focus: list[str]) -> None:
     """Push a Subscription notification (R4 backport, id-only): a ping."""
     cfg = sim.config
     if not cfg.notify_url:
         return
     sim.events += 1
-    bundle = {
-        "resourceType": "Bundle", "type": "history", "timestamp": sim.stamp_time(),
-        "entry": [{
-            "fullUrl": "urn:uuid:haoyuan-sim-status",
-            "resource": {"resourceType": "Parameters", "parameter": [
-                {"name": "subscription", "valueReference": {"reference": "Subscription/hy"}},
-                {"name": "status", "valueCode": "active"},
-                {"name": "type", "valueCode": "event-notification"},
-                {"name": "events-since-subscription-start",
-                 "valueString": str(sim.events)},
-                *({"name": "notification-event", "part": [
-                    {"name": "event-number", "valueString": str(sim.events)},
-                    {"name": "focus", "valueReference": {"reference": f}}]} for f in focus)]},
-            "request": {"method": "GET", "url": "Subscription/hy/$status"},
-            "response": {"status": "200"}}]}
+    bundle = subscription_notification(sim.events, focus, sim.stamp_time())
     headers = {"Content-Type": FHIR_JSON}
     if cfg.notify_token:
         headers["Authorization"] = f"Bearer {cfg.notify_token}"

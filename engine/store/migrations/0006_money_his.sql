@@ -89,9 +89,9 @@ CREATE INDEX refund_orders_todo ON refund_orders (provider, next_attempt_at)
 INSERT INTO refund_orders (out_refund_no, provider, transaction_id, booking_id, cause, reason,
                            amount, total, state, created_at, paid_ref, paid_by, finished_at,
                            next_attempt_at)
-SELECT 'RF' || substr(encode(sha256(convert_to('manual:' || coalesce(nullif(b.payment_ref, ''),
-                                                             r.booking_id), 'UTF8')), 'hex'), 1, 30),
-       'manual', coalesce(nullif(b.payment_ref, ''), r.booking_id), r.booking_id, r.reason,
+SELECT 'RF' || substr(encode(sha256(convert_to('manual:' || r.booking_id, 'UTF8')), 'hex'),
+                      1, 30),
+       'manual', r.booking_id, r.booking_id, r.reason,
        r.reason, b.fee_cents, b.fee_cents,
        CASE WHEN r.paid_at IS NULL THEN 'due' ELSE 'succeeded' END,
        r.created_at, r.paid_ref, r.paid_by, r.paid_at, NULL
