@@ -266,7 +266,14 @@ async def _refunds(a: argparse.Namespace) -> int:
 
     from engine.refunds import RefundConfig, RefundWorker, refund_lag, retry_refund
 
-    pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=4)
+    # The merchant key is checked before anything else: production refuses weak keys.
+    provider = None if (a.retry or a.status) else _wxpay("refunds")
+    try:
+        pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=4)
+    except BaseException:
+        if provider is not None:
+            await provider.aclose()
+        raise
     try:
         if a.retry:
             got = await retry_refund(pool, a.retry)
@@ -275,18 +282,17 @@ async def _refunds(a: argparse.Namespace) -> int:
         if a.status:
             print(msgspec.json.encode(await refund_lag(pool)).decode())
             return 0
-        provider = _wxpay("refunds")
-        try:
-            w = RefundWorker(pool, provider, RefundConfig(
-                batch_size=a.batch_size, max_attempts=a.max_attempts,
-                backoff_base_s=a.backoff_base, backoff_cap_s=a.backoff_cap))
-            await w.run(_stop_event(), burst=a.burst)
-            print(json.dumps({"sent": w.sent, "looked_up": w.looked_up,
-                              "succeeded": w.succeeded, "failed": w.failed,
-                              "unknown": w.unknown}))
-        finally:
-            await provider.aclose()
+        assert provider is not None
+        w = RefundWorker(pool, provider, RefundConfig(
+            batch_size=a.batch_size, max_attempts=a.max_attempts,
+            backoff_base_s=a.backoff_base, backoff_cap_s=a.backoff_cap))
+        await w.run(_stop_event(), burst=a.burst)
+        print(json.dumps({"sent": w.sent, "looked_up": w.looked_up,
+                          "succeeded": w.succeeded, "failed": w.failed,
+                          "unknown": w.unknown}))
     finally:
+        if provider is not None:
+            await provider.aclose()
         await pool.close()
     return 0
 
