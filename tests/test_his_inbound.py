@@ -43,6 +43,7 @@ from engine.testing.his_simulator import SimConfig, SimulatorProcess, subscripti
 from tests.apikit import flushed_app
 from tests.enginekit import book_many, drain, make_spec
 
+AT = "2026-12-01T08:00:00+08:00"
 FAST = dict(backoff_base_s=0.02, backoff_cap_s=0.2, breaker_reset_s=0.2, idle_s=0.05,
             lease_s=10.0, compensate_recheck_s=0.2)
 
@@ -105,7 +106,7 @@ def test_the_appointment_references_the_his_patient_and_notifications_validate()
                    patient_his_id="pat-7")
     appt = Appointment.model_validate(appointment_resource(b))
     assert "Patient/pat-7" in {p.actor.reference for p in appt.participant}
-    note = Bundle.model_validate(subscription_notification(3, ["Appointment/appt-1"], "2026-12-01T08:00:00+08:00"))
+    note = Bundle.model_validate(subscription_notification(3, ["Appointment/appt-1"], AT))
     assert note.type == "history" and note.entry[0].resource.get_resource_type() == "Parameters"
     sub = Subscription.model_validate(subscription_resource(
         "https://hy.example.org/v1/his/notify", "token"))
@@ -169,7 +170,7 @@ async def test_a_notification_wakes_the_poller(redis_url: str, fresh_pg_dsn: str
                               headers={"Content-Type": "application/fhir+json"})
         assert r.status_code == 401
         assert not await eng.wait_his_poke(0.05)
-        body = msgspec.json.encode(subscription_notification(1, ["Appointment/a"], "2026-12-01T08:00:00+08:00"))
+        body = msgspec.json.encode(subscription_notification(1, ["Appointment/a"], AT))
         for _ in range(3):  # repeated pings coalesce
             r = await client.post("/v1/his/notify", content=body, headers={
                 "Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"})

@@ -131,7 +131,16 @@ class PaySim:
         self.bills: dict[str, bytes] = {}
         self.tamper: list[dict[str, Any]] = []
         self.delivered: list[int] = []
+        self.pending = 0
         self._seq = 0
+        self._http: httpx.AsyncClient | None = getattr(self, "_http", None)
+        self._tasks: set[asyncio.Task[None]] = getattr(self, "_tasks", set())
+
+    def http(self) -> httpx.AsyncClient:
+        """One client for every delivery (a new one per call costs a TLS context)."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=10.0, verify=False)
+        return self._http
 
     def roll(self, rate: float) -> bool:
         return rate > 0 and self.rng.random() < rate
@@ -389,18 +398,42 @@ class PayIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     transaction_id: str = ""
 
 
+#: WeChat Pay notifies again until answered 2xx (15 s ... 6 h over 24 h; scaled down here).
+RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+
+
 async def _deliver(sim: PaySim, url: str, headers: dict[str, str], body: bytes) -> int:
+    """Deliver (the caller gets the first answer) and, like WeChat Pay, deliver
+    again in the background until some answer is 2xx, even if the caller left."""
     if not url:
         return 0
-    try:
-        async with httpx.AsyncClient(timeout=10.0) as http:
-            resp = await http.post(url, content=body,
-                                   headers={**headers, "Content-Type": "application/json"})
-        sim.delivered.append(resp.status_code)
-        return resp.status_code
-    except httpx.HTTPError:
-        sim.delivered.append(0)
-        return 0
+    first: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def attempts() -> None:
+        sim.pending += 1
+        try:
+            for wait in (0.0, *RETRY_S):
+                await asyncio.sleep(wait)
+                try:
+                    resp = await sim.http().post(
+                        url, content=body, headers={**headers, "Content-Type": "application/json"})
+                    code = resp.status_code
+                except httpx.HTTPError:
+                    code = 0
+                sim.delivered.append(code)
+                if not first.done():
+                    first.set_result(code)
+                if 200 <= code < 300:
+                    return
+        finally:
+            sim.pending -= 1
+            if not first.done():
+                first.set_result(0)
+
+    task = asyncio.create_task(attempts())
+    sim._tasks.add(task)
+    task.add_done_callback(sim._tasks.discard)
+    return await asyncio.shield(first)
 
 
 def _resource(sim: PaySim, tx: Json, *, mchid: str | None = None) -> Json:
@@ -491,6 +524,12 @@ async def refunds(sim: PaySim) -> list[Json]:
             for r in sim.refunds.values()]
 
 
+@get("/_sim/deliveries")
+async def deliveries(sim: PaySim) -> dict[str, int]:
+    """Notifications still being delivered (retried until answered 2xx)."""
+    return {"pending": sim.pending, "delivered": len(sim.delivered)}
+
+
 @get("/_sim/keys")
 async def keys(sim: PaySim) -> Json:
     c = sim.config
@@ -531,6 +570,7 @@ def create_payment_app(config: PaySimConfig | None = None) -> Litestar:
     app = Litestar(
         route_handlers=[create_refund, query_refund, trade_bill, download_bill, pay,
                         notify_again, refund_notify, tamper_bill, transactions, refunds, keys,
+                        deliveries,
                         read_config, change_config, reset],
         dependencies={"sim": Provide(provide, sync_to_thread=False)},
         openapi_config=None,
