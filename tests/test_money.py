@@ -254,3 +254,8 @@ async def test_every_refund_cause_ends_with_exactly_one_refund(world: World) -> 
             if p["actor"]["reference"].startswith("Patient/")}
     assert refs and refs <= {f"Patient/{p['id']}" for p in patients}
     assert await w.pool.fetchval("SELECT count(*) FROM his_patients") == len(patients)
+    # Operators see it in /metrics: nothing left to refund, nothing stuck.
+    metrics = (await w.client.get("/metrics")).text
+    assert 'haoyuan_refund_orders{state="due"} 0.0' in metrics
+    assert 'haoyuan_refund_orders{state="stuck"} 0.0' in metrics
+    assert 'haoyuan_his_attention_bookings{state="cancel_refused"} 0.0' in metrics
