@@ -38,7 +38,7 @@ from engine.outcomes import (
 from engine.scripts import NotDurable, ScriptError
 
 #: Bumped on any change to a script contract, an outbox event or a migration.
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = (
     "Availability",
