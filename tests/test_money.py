@@ -259,3 +259,38 @@ async def test_every_refund_cause_ends_with_exactly_one_refund(world: World) -> 
     assert 'haoyuan_refund_orders{state="due"} 0.0' in metrics
     assert 'haoyuan_refund_orders{state="stuck"} 0.0' in metrics
     assert 'haoyuan_his_attention_bookings{state="cancel_refused"} 0.0' in metrics
+
+
+async def test_a_refund_notification_ends_its_order_and_a_forged_one_changes_nothing(
+        world: World) -> None:
+    w = world
+    await import_sessions(w.client, [make_spec("RN", dept="DRN", caps=(2,))])
+    who = await patient(w, 50)
+    h = await hold(w, who, "RN")
+    txn = await w.pay(h)
+    assert (await w.client.post(f"/v1/bookings/{h}/cancel", headers=who[0])).status_code == 200
+    await drain(w.eng, w.pool)
+    no = await w.pool.fetchval("SELECT out_refund_no FROM refund_orders WHERE booking_id = $1", h)
+    # The provider refunded it (another worker's request); its notification arrives.
+    r = await w.wx.refund(no, transaction_id=txn, refund=5000, total=5000, reason="x")
+    assert r.outcome == "accepted"
+    note = await w.sim("pay", "refund-notify", out_refund_no=no)
+    sig = note["headers"]["Wechatpay-Signature"]
+    forged = {**note["headers"], "Wechatpay-Signature": sig[::-1]}
+    r = await w.client.post("/v1/payments/wechat/notify", content=note["body"].encode(),
+                            headers={**forged, "Content-Type": "application/json"})
+    assert r.status_code == 401 and r.json()["code"] == "FAIL"
+    assert await w.pool.fetchval("SELECT state FROM refund_orders WHERE out_refund_no = $1",
+                                 no) == "due"
+    for _ in range(2):  # delivered twice: the same outcome
+        r = await w.client.post("/v1/payments/wechat/notify", content=note["body"].encode(),
+                                headers={**note["headers"], "Content-Type": "application/json"})
+        assert r.status_code == 204, r.text
+    row = await w.pool.fetchrow("SELECT state, provider_refund_id FROM refund_orders"
+                                " WHERE out_refund_no = $1", no)
+    assert row["state"] == "succeeded" and row["provider_refund_id"]
+    # The worker has nothing left to send: the provider refunded it once.
+    await asyncio.wait_for(w.refunds.run(asyncio.Event(), burst=True), 30)
+    assert w.refunds.sent == 0
+    [one] = [x for x in await w.get("pay", "refunds") if x["out_refund_no"] == no]
+    assert one["effects"] == 1

@@ -41,9 +41,10 @@ import msgspec
 
 from engine.engine import Engine
 from engine.his.base import HisChange, HisClient, HisUnavailable
+from engine.outcomes import Reason, Refused
 from engine.store import queries as q
 
-__all__ = ["HisInbound", "InboundConfig", "InboundReport"]
+__all__ = ["HisInbound", "InboundConfig", "InboundReport", "RecoveringError"]
 
 log = logging.getLogger("haoyuan.his_inbound")
 
@@ -56,6 +57,11 @@ class InboundConfig:
     interval_s: float = 30.0
     #: Re-read this far behind the newest change seen (s).
     overlap_s: float = 5.0
+
+
+class RecoveringError(RuntimeError):
+    """A change cannot be applied while Redis rebuilds: the poll stops there
+    (the cursor stays) and is tried again."""
 
 
 class InboundReport(msgspec.Struct):
@@ -84,8 +90,8 @@ class HisInbound:
                 await self.poll_once()
                 backoff = 0.5
                 await self._wait(stop)
-            except HisUnavailable as exc:
-                log.warning("his inbound: HIS unavailable (%s); retrying", exc)
+            except (HisUnavailable, RecoveringError) as exc:
+                log.warning("his inbound: %s; retrying", exc)
                 await _sleep(stop, backoff)
                 backoff = min(backoff * 2, 30.0)
             except Exception:
@@ -172,6 +178,9 @@ class HisInbound:
             " his_reason = $3 WHERE id = $1 AND status = 'booked'",
             booking, c.his_id, f"his:{c.reason or 'cancelled'}"[:200])
         res = await self.engine.cancel(booking, reason="his_cancelled", force=True)
+        if isinstance(res, Refused) and res.reason is Reason.RECOVERING:
+            # Redis is being rebuilt: this change must not be passed over.
+            raise RecoveringError(f"booking {booking}'s partition is recovering")
         if not res.ok:
             log.warning("his inbound: cancelling booking %s in the engine: %s", booking,
                         getattr(res, "reason", "?"))
@@ -184,7 +193,13 @@ class HisInbound:
         return "cancelled"
 
     async def _suspend(self, session_id: str, report: InboundReport) -> str:
-        if await self.engine.session_status(session_id) in (None, "suspended"):
+        status = await self.engine.session_status(session_id)
+        if status is None:
+            if await self.pool.fetchval("SELECT true FROM sessions WHERE id = $1", session_id):
+                # Ours, but Redis lost it (a rebuild brings it back): retry, never skip.
+                raise RecoveringError(f"session {session_id} is not in Redis (recovering)")
+            return "not_ours"
+        if status == "suspended":
             return "already"
         res = await self.engine.suspend(session_id, "his_suspended")
         if not res.ok:
