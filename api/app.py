@@ -36,9 +36,11 @@ from api.routes.admin import AdminController
 from api.routes.auth import AuthController
 from api.routes.bookings import BookingController
 from api.routes.browse import AvailabilityController, CatalogController
+from api.routes.his import HisController
 from api.routes.holds import HoldController
 from api.routes.ops import OpsController, hello
 from api.routes.patients import PatientController
+from api.routes.payments import PaymentController
 from api.routes.rules import RulesController
 from api.routes.staff import StaffController
 from api.routes.waitlist import WaitlistController
@@ -63,7 +65,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     handlers: list[Any] = [AuthController, PatientController, CatalogController,
                            AvailabilityController, HoldController, BookingController,
                            WaitlistController, AdminController, RulesController, StaffController,
-                           OpsController, fhir_router()]
+                           OpsController, PaymentController, HisController, fhir_router()]
     if settings.bench_endpoints:
         handlers.append(hello)
     app = Litestar(

@@ -33,8 +33,10 @@ from engine.forwarder import his_lag
 from engine.identity import RealNameVerifier
 from engine.identity.http import HttpRealNameVerifier
 from engine.identity.simulator import SimulatedRealName
-from engine.keys import ID_RE
+from engine.keys import ID_RE, partition_of_record
 from engine.outcomes import Availability
+from engine.payments.wechat import WechatPay
+from engine.refunds import refund_lag
 from engine.store import bindings
 from engine.store.migrate import migrate
 from engine.writer import outbox_lag
@@ -55,6 +57,15 @@ class OpsStatus(msgspec.Struct, kw_only=True):
     outbox_stream_length: int = 0
     his_pending: int = 0
     his_oldest_pending_age_s: float = 0.0
+    #: Terminal HIS states waiting for an operator (haoyuan his resolve).
+    his_lookup_cancelled: int = 0
+    his_cancel_refused: int = 0
+    #: Refund orders not done yet, and those failed past their attempts.
+    refunds_due: int = 0
+    refunds_requested: int = 0
+    refunds_failed: int = 0
+    refunds_stuck: int = 0
+    refunds_oldest_open_age_s: float = 0.0
     checked_at_ms: int = 0
     mode: str = "production"
     warning: str | None = None
@@ -98,6 +109,8 @@ class Api:
             else SimulatedRealName()
         )
         self.body_deadlines = BodyDeadlines(s.body_timeout_s)
+        #: WeChat Pay (verifies and decrypts notifications); None: not configured.
+        self.wxpay: WechatPay | None = WechatPay(s.wxpay) if s.wxpay is not None else None
         self.engine: Engine = Engine.connect(s.redis_url, s.engine_config())
         self._pool: asyncpg.Pool | None = None
         self._ops: MicroCache[str, OpsStatus] = MicroCache(int(s.ops_cache_s * 1000))
@@ -151,6 +164,8 @@ class Api:
         await self.engine.aclose()
         await self.verifier.aclose()
         await self.realname.aclose()
+        if self.wxpay is not None:
+            await self.wxpay.aclose()
 
     async def _recalibrate(self) -> None:
         while not self._stop.is_set():
@@ -176,6 +191,14 @@ class Api:
             return frozenset(r["partition"] for r in rows)
 
         return partition in await self._known_parts.get("all", load)
+
+    async def record_recovering(self, record_id: str) -> bool:
+        """A hold or booking Redis does not have, in a partition that is recovering."""
+        try:
+            partition = partition_of_record(record_id)
+        except ValueError:
+            return False
+        return await self.recovering(partition)
 
     async def session_recovering(self, session_id: str) -> bool:
         """A session PostgreSQL has that Redis lost (the engine answered
@@ -276,6 +299,12 @@ class Api:
                     his = await his_lag(self.pool)  # the forwarder's own measure
                     st.his_pending = his.pending
                     st.his_oldest_pending_age_s = his.oldest_pending_age_ms / 1000
+                    st.his_lookup_cancelled = his.lookup_cancelled
+                    st.his_cancel_refused = his.cancel_refused
+                    money = await refund_lag(self.pool)  # the refund worker's own measure
+                    st.refunds_due, st.refunds_requested = money.due, money.requested
+                    st.refunds_failed, st.refunds_stuck = money.failed, money.stuck
+                    st.refunds_oldest_open_age_s = money.oldest_open_age_s
         except Exception:
             pg_ok = False
         st.redis, st.postgres = redis_ok, pg_ok
@@ -298,6 +327,11 @@ class Api:
         m.stream_length.set(st.outbox_stream_length)
         m.his_pending.set(st.his_pending)
         m.his_age.set(st.his_oldest_pending_age_s)
+        m.his_attention.labels("lookup_cancelled").set(st.his_lookup_cancelled)
+        m.his_attention.labels("cancel_refused").set(st.his_cancel_refused)
+        for state in ("due", "requested", "failed", "stuck"):
+            m.refund_orders.labels(state).set(getattr(st, f"refunds_{state}"))
+        m.refund_age.set(st.refunds_oldest_open_age_s)
         return st
 
 

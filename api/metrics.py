@@ -22,6 +22,12 @@ app built in process, as the tests do) each worker keeps its own registry.
 - ``haoyuan_his_pending_bookings``, ``haoyuan_his_oldest_pending_age_seconds``: what the
   HIS forwarder has still to send (bookings, cancels, unknown outcomes:
   ``engine.forwarder.his_lag``, the one definition).
+- ``haoyuan_his_attention_bookings{state}``: bookings the forwarder stopped
+  retrying (``lookup_cancelled``, ``cancel_refused``): alert above 0; an
+  operator runs ``haoyuan his resolve``.
+- ``haoyuan_refund_orders{state}``: refund orders ``due``, ``requested``,
+  ``failed`` and ``stuck`` (failed past their attempts: alert above 0, finance
+  acts), and ``haoyuan_refund_oldest_open_age_seconds``.
 """
 
 from __future__ import annotations
@@ -76,6 +82,14 @@ class Metrics:
         self.his_pending = lag("haoyuan_his_pending_bookings", "Bookings not yet accepted by HIS")
         self.his_age = lag("haoyuan_his_oldest_pending_age_seconds",
                            "Age of the oldest booking not yet accepted by HIS")
+        self.his_attention = Gauge("haoyuan_his_attention_bookings",
+                                   "Bookings the HIS forwarder stopped retrying: an operator"
+                                   " resolves them", ["state"], registry=r,
+                                   multiprocess_mode="max")
+        self.refund_orders = Gauge("haoyuan_refund_orders", "Refund orders not done, by state",
+                                   ["state"], registry=r, multiprocess_mode="max")
+        self.refund_age = lag("haoyuan_refund_oldest_open_age_seconds",
+                              "Age of the oldest refund order not done")
         self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
 
     def decision(self, op: str, outcome: str) -> None:

@@ -207,6 +207,25 @@ class BookingOut(msgspec.Struct, frozen=True, kw_only=True):
     his_status: str | None = None
     late: bool = False
     replay: bool = False
+    #: The HIS's appointment id, once it accepted the booking.
+    his_appointment_id: str | None = None
+    #: The visit window the HIS gave (ISO 8601, China time) and where to go.
+    visit_start: str | None = None
+    visit_end: str | None = None
+    place: str | None = None
+    #: Why the booking ended without a visit, in the patient's words.
+    reason_text: str | None = None
+    #: Its refund, if it has one.
+    refund: RefundView | None = None
+
+
+class RefundView(msgspec.Struct, frozen=True, kw_only=True):
+    """A booking's refund as the patient sees it."""
+
+    state: Literal["due", "requested", "succeeded", "failed"]
+    #: Fen.
+    amount: int
+    state_text: str
 
 
 class ReleasedOut(msgspec.Struct, frozen=True):

@@ -21,6 +21,8 @@ its start-up log and in ``/readyz``.
     HAOYUAN_REALNAME_MODE=simulator|http  real-name checks of bound patients
     HAOYUAN_REALNAME_URL / HAOYUAN_REALNAME_KEY  the HTTP real-name gateway
     HAOYUAN_SHARED_ADMIN=auto|on|off   the admin token as bootstrap identity
+    HAOYUAN_WXPAY_*                    WeChat Pay API v3 (see engine.payments.wechat)
+    HAOYUAN_HIS_NOTIFY_TOKEN=...       bearer token of the HIS's notifications
 
 Every field ``x`` is read from ``HAOYUAN_X``; choices are case-insensitive.
 The engine's own settings (``HAOYUAN_ACCOUNT_RATE_PER_S``,
@@ -32,7 +34,6 @@ The engine's own settings (``HAOYUAN_ACCOUNT_RATE_PER_S``,
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import typing
 from collections.abc import Mapping
@@ -49,7 +50,9 @@ from engine.config import (
     env_name,
     parse_env,
 )
+from engine.payments.wechat import WechatPayConfig
 from engine.pii import Crypto, CryptoConfigError
+from engine.pii import dev_crypto as _dev_crypto
 from engine.secret_strength import DEV_SECRETS, secret_problem
 
 __all__ = ["Settings", "SettingsError", "dev_crypto"]
@@ -110,6 +113,13 @@ class Settings:
     wechat_timeout_s: float = 5.0
     #: Patient data keys; None: HAOYUAN_DATA_KEYS, or fixed development keys in dev.
     crypto: Crypto | None = field(default=None, repr=False)
+    #: WeChat Pay API v3 (``HAOYUAN_WXPAY_*``, see engine.payments.wechat): the
+    #: notification route POST /v1/payments/wechat/notify verifies and decrypts
+    #: with it. None: that route answers 404 (the generic callback still works).
+    wxpay: WechatPayConfig | None = field(default=None, repr=False)
+    #: Bearer token the HIS sends with its Subscription notifications
+    #: (``channel.header``) to POST /v1/his/notify; empty: that route is off.
+    his_notify_token: str = field(default="", repr=False)
 
     #: The engine's settings (rate limits, batching, durability, cluster,
     #: patient rules): ``EngineConfig.from_env``, the same object every
@@ -197,7 +207,7 @@ class Settings:
         values: dict[str, Any] = {}
         problems: list[tuple[str, str]] = []
         for f in fields(cls):
-            if f.name in ("crypto", "engine"):
+            if f.name in ("crypto", "engine", "wxpay"):
                 continue
             var = env_name(f.name)
             raw = env.get(var)
@@ -210,6 +220,12 @@ class Settings:
             try:
                 values["engine"] = EngineConfig.from_env(env)
             except ConfigError as exc:
+                var = str(exc).split(" ", 1)[0]
+                problems.append((var, str(exc).removeprefix(var + " ")))
+        if "wxpay" not in overrides:
+            try:
+                values["wxpay"] = WechatPayConfig.from_env(env)
+            except ValueError as exc:
                 var = str(exc).split(" ", 1)[0]
                 problems.append((var, str(exc).removeprefix(var + " ")))
         if "crypto" not in overrides and (env.get("HAOYUAN_DATA_KEYS")
@@ -298,6 +314,12 @@ class Settings:
             why = secret_problem(self.realname_key)
             if why is not None:
                 problems.append(("HAOYUAN_REALNAME_KEY", why))
+        if self.wxpay is not None:
+            problems += self.wxpay.problems()
+        if self.his_notify_token:
+            why = secret_problem(self.his_notify_token)
+            if why is not None:
+                problems.append(("HAOYUAN_HIS_NOTIFY_TOKEN", why))
         if self.docs_ui:
             problems.append(("HAOYUAN_DOCS_UI", "the documentation pages load scripts from a"
                              " CDN; off in production (the schema stays at"
@@ -321,9 +343,7 @@ class Settings:
 
 def dev_crypto() -> Crypto:
     """Fixed development keys, the same in every worker process (never for real data)."""
-    data = hashlib.sha256(b"haoyuan development data key").digest()
-    mac = hashlib.sha256(b"haoyuan development hmac key").digest()
-    return Crypto({"dev": data}, "dev", mac, dev=True)
+    return _dev_crypto()
 
 
 def _crypto_variable(message: str) -> str:

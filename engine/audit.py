@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from engine.engine import Engine
+from engine.his.attention import Attention, attention
 from engine.his.base import HisClient, HisUnavailable
 from engine.recovery import PartitionCheck, check_partitions
 from engine.writer import outbox_lag
@@ -45,6 +46,9 @@ class AuditReport(msgspec.Struct):
     recovery: list[PartitionCheck] = []
     #: None: unknown (audited without PostgreSQL).
     rebuild_needed: bool | None = None
+    #: Bookings the forwarder stopped retrying (``lookup_cancelled``,
+    #: ``cancel_refused``): each a breach until ``haoyuan his resolve``.
+    his_attention: list[Attention] = []
 
 
 async def run_audit(
@@ -127,10 +131,16 @@ async def run_audit(
         all_breaches += [f"{sid}: {b}" for b in breaches]
     all_breaches += [f"partition {c.partition}: {c.state}: {c.detail}; run haoyuan rebuild"
                      for c in recovery]
+    stuck: list[Attention] = []
+    if pool is not None and his is not None:
+        stuck = await attention(pool)
+        all_breaches += [f"booking {a.booking_id}: HIS {a.his_status} ({a.reason}); run haoyuan"
+                         f" his resolve {a.booking_id}" for a in stuck]
     return AuditReport(
         ok=not all_breaches, sessions=reports, breaches=all_breaches,
         outbox_pending=in_flight, checked_at=dt.datetime.now(dt.UTC).isoformat(),
         recovery=recovery, rebuild_needed=None if pool is None else bool(recovery),
+        his_attention=stuck,
     )
 
 
@@ -152,6 +162,9 @@ def format_table(report: AuditReport) -> str:
                      "'recovering' until `haoyuan rebuild` has run")
     elif report.rebuild_needed is False:
         lines.append("recovery: Redis's state is whole; no rebuild needed")
+    if report.his_attention:
+        lines.append(f"his attention: {len(report.his_attention)} booking(s) the forwarder "
+                     "stopped retrying (lookup_cancelled / cancel_refused): haoyuan his resolve")
     lines += [f"BREACH {b}" for b in report.breaches]
     lines.append("audit: OK" if report.ok else f"audit: {len(report.breaches)} breach(es)")
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
     haoyuan serve [--port 8000] [--workers N]  the API and every worker, kept up
     haoyuan api [--port 8000] [--workers N]   the HTTP API (granian workers)
-    haoyuan writer | forwarder | sweeper | scheduler   the background workers
+    haoyuan writer | forwarder | sweeper | scheduler | refunds   the background workers
     haoyuan migrate                      apply PostgreSQL migrations
     haoyuan import FILE | --example | --schema   sessions JSON -> PostgreSQL + engine
     haoyuan audit [--json]               conservation; Redis vs PostgreSQL vs HIS; rebuild needed?
@@ -12,6 +12,8 @@
     haoyuan fhir-client add|list|disable backend clients of the FHIR facade (token shown once)
     haoyuan fhir-location HOSPITAL ...   a hospital's phone and address for aggregators
     haoyuan publish [--once]             SMART Scheduling Links bulk files (a worker)
+    haoyuan reconcile payments --date D  the provider's statement vs the ledger (对账)
+    haoyuan his attention | resolve      bookings the forwarder stopped retrying
     haoyuan demo [--quick] [--json]      the release-morning demo (starts what it needs)
     haoyuan bench engine|http|durability|cluster|peers|peking [--quick] [--json]
 
@@ -210,16 +212,153 @@ async def _forwarder(a: argparse.Namespace) -> int:
     from engine.engine import Engine
     from engine.forwarder import ForwarderConfig, HisForwarder
     from engine.his.fhir import FhirHisClient
+    from engine.his.inbound import HisInbound, InboundConfig
+    from engine.pii import worker_crypto
 
+    # It decrypts patients for the HIS: production refuses missing or weak keys.
+    crypto = worker_crypto(worker="forwarder")
     pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=4)
     his = FhirHisClient(a.his_url, timeout=a.timeout)
     try:
         async with Engine.connect(a.redis_url, EngineConfig.from_env()) as eng:
-            fwd = HisForwarder(eng, pool, his, ForwarderConfig())
-            await fwd.run(_stop_event(), burst=a.burst)
+            fwd = HisForwarder(eng, pool, his, ForwarderConfig(), crypto=crypto)
+            stop = _stop_event()
+            tasks = [asyncio.create_task(fwd.run(stop, burst=a.burst))]
+            inbound = None
+            if not a.no_inbound:
+                inbound = HisInbound(eng, pool, his, InboundConfig(interval_s=a.poll_interval))
+                if a.burst:
+                    await inbound.poll_once()
+                else:
+                    tasks.append(asyncio.create_task(inbound.run(stop)))
+            await tasks[0]
+            stop.set()
+            await asyncio.gather(*tasks[1:])
+            print(json.dumps({"accepted": fwd.accepted, "rejected": fwd.rejected,
+                              "cancelled": fwd.cancelled, "attention": fwd.attention,
+                              "patients": fwd.patients_sent,
+                              "his_changes": None if inbound is None else
+                              msgspec.to_builtins(inbound.total)}))
     finally:
         await his.aclose()
         await pool.close()
+    return 0
+
+
+def _wxpay(worker: str) -> Any:
+    """WeChat Pay from HAOYUAN_WXPAY_*; production refuses weak or missing keys."""
+    from engine.config import ConfigError
+    from engine.payments.wechat import WechatPay, WechatPayConfig
+    from engine.pii import is_development
+
+    try:
+        cfg = WechatPayConfig.from_env()
+    except ValueError as exc:
+        raise ConfigError(f"haoyuan {worker}: {exc}") from None
+    if cfg is None:
+        raise ConfigError(f"haoyuan {worker}: WeChat Pay is not configured (HAOYUAN_WXPAY_*)")
+    if not is_development():
+        problems = cfg.problems()
+        if problems:
+            raise ConfigError(f"haoyuan {worker} refuses to start (production): "
+                              + "; ".join(f"{v}: {why}" for v, why in problems))
+    return WechatPay(cfg)
+
+
+async def _refunds(a: argparse.Namespace) -> int:
+    import asyncpg
+
+    from engine.refunds import RefundConfig, RefundWorker, refund_lag, retry_refund
+
+    # The merchant key is checked before anything else: production refuses weak keys.
+    provider = None if (a.retry or a.status) else _wxpay("refunds")
+    try:
+        pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=4)
+    except BaseException:
+        if provider is not None:
+            await provider.aclose()
+        raise
+    try:
+        if a.retry:
+            got = await retry_refund(pool, a.retry)
+            print(json.dumps({"out_refund_no": a.retry, "rearmed": got is not None}))
+            return 0 if got is not None else 1
+        if a.status:
+            print(msgspec.json.encode(await refund_lag(pool)).decode())
+            return 0
+        assert provider is not None
+        w = RefundWorker(pool, provider, RefundConfig(
+            batch_size=a.batch_size, max_attempts=a.max_attempts,
+            backoff_base_s=a.backoff_base, backoff_cap_s=a.backoff_cap))
+        await w.run(_stop_event(), burst=a.burst)
+        print(json.dumps({"sent": w.sent, "looked_up": w.looked_up,
+                          "succeeded": w.succeeded, "failed": w.failed,
+                          "unknown": w.unknown}))
+    finally:
+        if provider is not None:
+            await provider.aclose()
+        await pool.close()
+    return 0
+
+
+async def _reconcile(a: argparse.Namespace) -> int:
+    import datetime as dt
+
+    import asyncpg
+
+    from engine.payments.base import StatementNotReady
+    from engine.reconcile import format_report, reconcile
+
+    date = a.date or (dt.datetime.now(dt.timezone(dt.timedelta(hours=8))).date()
+                      - dt.timedelta(days=1)).isoformat()
+    provider = _wxpay("reconcile")
+    pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=2)
+    try:
+        report = await reconcile(pool, provider, date, examples=a.examples)
+    except StatementNotReady as exc:
+        print(f"haoyuan reconcile: {exc} (WeChat Pay publishes a day's bill after 10:00 the"
+              " next day)", file=sys.stderr)
+        return 2
+    finally:
+        await pool.close()
+        await provider.aclose()
+    if a.json:
+        print(msgspec.json.encode(report).decode())
+    else:
+        print(format_report(report))
+    return 0 if report.ok else 1
+
+
+async def _his(a: argparse.Namespace) -> int:
+    import asyncpg
+
+    pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=2)
+    try:
+        from engine.his.attention import attention, resolve
+
+        if a.his_command == "attention":
+            rows = await attention(pool)
+            if a.json:
+                print(msgspec.json.encode(rows).decode())
+            else:
+                for r in rows:
+                    print(f"{r.booking_id:<40} {r.his_status:<17} {r.status:<10} {r.reason}")
+                print(f"{len(rows)} booking(s) need an operator")
+            return 0
+        import getpass
+
+        from engine.config import EngineConfig
+        from engine.engine import Engine
+
+        async with Engine.connect(a.redis_url, EngineConfig.from_env()) as eng:
+            got = await resolve(eng, pool, a.booking_id, a.action,
+                                actor="cli:" + getpass.getuser(), note=a.note)
+    finally:
+        await pool.close()
+    if isinstance(got, str):
+        print(f"haoyuan his resolve: {got}", file=sys.stderr)
+        return 1
+    print(msgspec.json.encode(got).decode())
     return 0
 
 
@@ -521,10 +660,62 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consumer name in the group (default: host-pid)")
     p.add_argument("--burst", action="store_true", help="stop once the outbox is drained")
 
-    p = cmd("forwarder", _forwarder, "the HIS forwarder: bookings and cancels -> HIS (FHIR R4)")
+    p = cmd("forwarder", _forwarder, "the HIS forwarder: bookings and cancels -> HIS (FHIR R4, "
+            "with the FHIR Patient), and the HIS's changes back (window cancels, 停诊, arrivals, "
+            "no-shows). Decrypts patients: needs HAOYUAN_DATA_KEYS and HAOYUAN_HMAC_KEY "
+            "(production refuses missing or weak ones)")
     _conn(p, his=True)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per HIS request")
-    p.add_argument("--burst", action="store_true", help="stop once nothing is left to send")
+    p.add_argument("--burst", action="store_true",
+                   help="stop once nothing is left to send (after one pass of the HIS's changes)")
+    p.add_argument("--poll-interval", type=float, default=30.0,
+                   help="seconds between reads of the HIS's changes (a notification to POST "
+                        "/v1/his/notify wakes it at once)")
+    p.add_argument("--no-inbound", action="store_true",
+                   help="do not read the HIS's changes (another forwarder does)")
+
+    p = cmd("refunds", _refunds, "the refund worker: refund orders -> WeChat Pay "
+            "(HAOYUAN_WXPAY_*), at least once, never twice (idempotent out-refund number, a "
+            "lookup before any retry after an unknown outcome)")
+    _conn(p)
+    p.add_argument("--burst", action="store_true",
+                   help="stop once no refund can move without waiting")
+    p.add_argument("--batch-size", type=int, default=50, help="orders claimed per step")
+    p.add_argument("--max-attempts", type=int, default=12,
+                   help="failed refunds are retried this often, then left for finance")
+    p.add_argument("--backoff-base", type=float, default=2.0,
+                   help="seconds: the first retry's backoff ceiling (doubles, full jitter)")
+    p.add_argument("--backoff-cap", type=float, default=600.0,
+                   help="seconds: the largest backoff between attempts")
+    p.add_argument("--status", action="store_true",
+                   help="print the refund orders per state (JSON) and stop")
+    p.add_argument("--retry", metavar="OUT_REFUND_NO",
+                   help="re-arm a refund left for finance (failed past its attempts) and stop")
+
+    p = cmd("reconcile", _reconcile, "daily reconciliation (对账): the provider's statement vs "
+            "the payments ledger, bookings and refunds; exit 1 on any mismatch")
+    p.add_argument("what", choices=["payments"], help="what to reconcile")
+    _conn(p)
+    p.add_argument("--date", help="the day, YYYY-MM-DD in China time (default: yesterday)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object: ok, counts per kind, examples, totals")
+    p.add_argument("--examples", type=int, default=5, help="examples shown per mismatch kind")
+
+    p = cmd("his", _his, "bookings the HIS forwarder stopped retrying (lookup_cancelled, "
+            "cancel_refused): list them, resolve one")
+    his_sub = p.add_subparsers(dest="his_command", required=True, metavar="ACTION")
+    q = his_sub.add_parser("attention", help="the bookings that need an operator",
+                           formatter_class=_Help)
+    q.add_argument("--json", action="store_true", help="as JSON")
+    _conn(q)
+    q = his_sub.add_parser("resolve", help="resolve one (recorded in the booking's history)",
+                           formatter_class=_Help)
+    q.add_argument("booking_id")
+    q.add_argument("--action", required=True, choices=("cancel", "retry", "done"),
+                   help="cancel: the HIS is right, cancel (and refund) here too; retry: send "
+                        "again; done: settled by hand in the HIS")
+    q.add_argument("--note", default="", help="what was done (kept in the history)")
+    _conn(q)
 
     p = cmd("sweeper", _sweeper, "reclaim expired holds, release delayed units, close waitlists")
     _conn(p, pg=False)

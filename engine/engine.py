@@ -756,6 +756,22 @@ class Engine:
     async def session_ids(self) -> list[str]:
         return sorted(_txt(k) for k in await self.client.hkeys(K.SESSION_INDEX))
 
+    # -- the HIS change poller's wake-ups ------------------------------------------
+    async def poke_his(self) -> None:
+        """The HIS notified a change: wake the change poller (coalesced: one
+        pending wake-up at most)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.lpush(K.HIS_WAKE, "1")
+        pipe.ltrim(K.HIS_WAKE, 0, 0)
+        await pipe.execute()
+
+    async def wait_his_poke(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a wake-up; True if one came."""
+        # Under the socket timeout: a blocking read must not look like a dead server.
+        wait = min(timeout_s, self.config.socket_timeout_s * 0.8)
+        got = await self.client.blpop([K.HIS_WAKE], timeout=max(0.01, wait))
+        return got is not None
+
     # -- audit -------------------------------------------------------------------
     async def audit(self, session_id: str) -> SessionAudit:
         """Check conservation (capacity = free + held + booked, per slot) and

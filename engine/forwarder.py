@@ -24,6 +24,19 @@ keeps ``rejected``. A rejected row still ``booked`` is compensated again after
 
 Nothing is ever dropped: an unavailable HIS, an open breaker or an unexpected
 error pushes ``his_updated_at`` back by an exponential backoff with jitter.
+Nothing loops for ever either: two answers need a person and end in a
+terminal ``his_status`` with ``his_reason`` (counted by ``his_lag``, shown by
+``haoyuan audit --his-url``, resolved with ``haoyuan his resolve``):
+``lookup_cancelled`` (after an unknown outcome the HIS has our booking
+cancelled) and ``cancel_refused`` (the HIS refused our cancel, e.g. the
+patient already arrived).
+
+The patient (the forwarder's path only, with the data keys): before the
+first Appointment of a patient the forwarder decrypts their binding, finds or
+creates the FHIR Patient in the HIS (conditional create on the national ID)
+and keeps the HIS's patient id encrypted (``his_patients``) for the next
+booking; the Appointment references it. Without keys (an embedder) or
+without a binding, the Appointment names the patient by ``patient_ref``.
 
 Logs carry booking ids and reasons, never patient data.
 """
@@ -46,17 +59,22 @@ from engine.his.base import (
     REASON_TIMEOUT,
     HisBooking,
     HisClient,
+    HisPatient,
     HisResult,
     HisUnavailable,
 )
+from engine.his.fhir_resources import GONE_STATUSES
 from engine.his.forwarder_policy import Backoff, CircuitBreaker
+from engine.pii import Crypto, DecryptionError, InvalidNationalId
 
-__all__ = ["ForwarderConfig", "HisForwarder", "HisLag", "his_lag"]
+__all__ = ["ATTENTION_STATUSES", "ForwarderConfig", "HisForwarder", "HisLag", "his_lag"]
 
 log = logging.getLogger("haoyuan.forwarder")
 
 #: ``his_status`` values that still need a call to the HIS.
 TODO_STATUSES = ("pending", "unknown", "cancel_pending")
+#: Terminal ``his_status`` values that need an operator (``haoyuan his resolve``).
+ATTENTION_STATUSES = ("lookup_cancelled", "cancel_refused")
 
 _CANCEL_REASON = "cancelled"
 
@@ -91,23 +109,30 @@ class HisLag(msgspec.Struct, frozen=True):
     oldest_pending_age_ms: int
     unknown: int = 0
     cancel_pending: int = 0
+    #: Terminal, waiting for an operator (alert on these).
+    lookup_cancelled: int = 0
+    cancel_refused: int = 0
 
 
 async def his_lag(pool: Any) -> HisLag:
     row = await pool.fetchrow(
-        "SELECT count(*) AS n,"
+        "SELECT count(*) FILTER (WHERE his_status = any($1::text[])) AS n,"
         " count(*) FILTER (WHERE his_status = 'unknown') AS unknown,"
         " count(*) FILTER (WHERE his_status = 'cancel_pending') AS cancel_pending,"
-        " coalesce(extract(epoch FROM now() - min(coalesce(cancelled_at, booked_at)))"
-        "   * 1000, 0)::bigint AS age"
-        " FROM bookings WHERE his_status = any($1::text[])",
-        list(TODO_STATUSES),
+        " count(*) FILTER (WHERE his_status = 'lookup_cancelled') AS lookup_cancelled,"
+        " count(*) FILTER (WHERE his_status = 'cancel_refused') AS cancel_refused,"
+        " coalesce(extract(epoch FROM now() - min(coalesce(cancelled_at, booked_at))"
+        "   FILTER (WHERE his_status = any($1::text[]))) * 1000, 0)::bigint AS age"
+        " FROM bookings WHERE his_status = any($2::text[])",
+        list(TODO_STATUSES), list(TODO_STATUSES + ATTENTION_STATUSES),
     )
     return HisLag(
         pending=int(row["n"]),
         oldest_pending_age_ms=max(0, int(row["age"])),
         unknown=int(row["unknown"]),
         cancel_pending=int(row["cancel_pending"]),
+        lookup_cancelled=int(row["lookup_cancelled"]),
+        cancel_refused=int(row["cancel_refused"]),
     )
 
 
@@ -166,8 +191,11 @@ class HisForwarder:
         *,
         breaker: CircuitBreaker | None = None,
         backoff: Backoff | None = None,
+        crypto: Crypto | None = None,
     ) -> None:
         self.engine = engine
+        #: The patient data keys: None sends no Patient (the hash names them).
+        self.crypto = crypto
         self.pool = pool
         self.his = his
         self.config = config or ForwarderConfig()
@@ -180,6 +208,8 @@ class HisForwarder:
         self.rejected = 0
         self.cancelled = 0
         self.deferred = 0
+        self.attention = 0
+        self.patients_sent = 0
 
     # -- the loop -----------------------------------------------------------------
     async def run(self, stop: asyncio.Event, *, burst: bool = False) -> None:
@@ -299,12 +329,25 @@ class HisForwarder:
                 if found.outcome == "accepted":
                     await self._accepted(j, found)
                     return
+                if found.outcome == "rejected" and found.reason in GONE_STATUSES:
+                    # The HIS has it cancelled: no retry can fix that; a person decides.
+                    await self._attention(j, "lookup_cancelled", found.reason or "cancelled",
+                                          found.his_id)
+                    return
                 if not (found.outcome == "rejected" and found.reason == REASON_NOT_FOUND):
                     log.info("forwarder: booking %s still unknown in HIS (%s)", j.id,
                              found.reason)
                     await self._defer(j, f"lookup:{found.reason}")
                     return
-            result = await self.his.book(self._booking(j))
+            patient = await self._patient(j)
+            if isinstance(patient, HisResult):
+                self._report(patient)
+                if patient.outcome == "rejected":
+                    await self._rejected(j, patient.reason or "patient_rejected")
+                else:
+                    await self._defer(j, f"patient:{patient.reason}")
+                return
+            result = await self.his.book(self._booking(j, patient))
             self._report(result)
         except HisUnavailable:
             self.breaker.record_failure()
@@ -322,17 +365,87 @@ class HisForwarder:
         else:
             self.breaker.record_success()
 
-    def _booking(self, j: _Job) -> HisBooking:
+    def _booking(self, j: _Job, patient_his_id: str | None = None) -> HisBooking:
         return HisBooking(
             booking_id=j.id, session_id=j.session_id, slot_id=j.slot_id,
             unit=j.unit if j.unit is not None else 0, patient_ref=j.patient_ref,
             doctor_id=j.doctor, dept_id=j.dept,
             start=f"{j.date}T{j.start}:00", end=f"{j.date}T{j.end}:00", fee=j.fee,
+            patient_his_id=patient_his_id,
         )
 
+    # -- the patient -------------------------------------------------------------------
+    async def _patient(self, j: _Job) -> str | HisResult | None:
+        """The HIS's id of the booking's patient (found or created once, then
+        kept encrypted); None to name them by ref; a HisResult if the HIS did
+        not accept the patient."""
+        crypto = self.crypto
+        if crypto is None:
+            return None
+        row = await self.pool.fetchrow(
+            "SELECT his_patient_id_enc FROM his_patients WHERE patient_ref = $1", j.patient_ref)
+        if row is not None:
+            try:
+                return crypto.decrypt(row["his_patient_id_enc"], table="his_patients",
+                                      column="his_patient_id_enc", row_id=j.patient_ref)
+            except DecryptionError:
+                log.warning("forwarder: the HIS patient id of booking %s does not decrypt;"
+                            " asking the HIS again", j.id)
+        person = await self._person(j, crypto)
+        if person is None:
+            log.warning("forwarder: booking %s has no bound patient; the HIS gets the ref only",
+                        j.id)
+            return None
+        found = await self.his.ensure_patient(person)
+        if found.outcome != "accepted" or not found.his_id:
+            return found if found.outcome != "accepted" else HisResult(
+                "unknown", None, "no_patient_id")
+        self.patients_sent += 1
+        blob = crypto.encrypt(found.his_id, table="his_patients", column="his_patient_id_enc",
+                              row_id=j.patient_ref)
+        await self.pool.execute(
+            "INSERT INTO his_patients (patient_ref, his_patient_id_enc, key_id) VALUES"
+            " ($1, $2, $3) ON CONFLICT (patient_ref) DO UPDATE SET his_patient_id_enc = $2,"
+            " key_id = $3, updated_at = now()",
+            j.patient_ref, blob, crypto.active_key_id)
+        return found.his_id
+
+    async def _person(self, j: _Job, crypto: Crypto) -> HisPatient | None:
+        """The patient as bound (the binding of the booking's account first, then
+        the latest verified one), decrypted here and nowhere else."""
+        r = await self.pool.fetchrow(
+            "SELECT p.id, p.name_enc, p.phone_enc, p.national_id_enc FROM patients p"
+            " LEFT JOIN bookings b ON b.id = $2"
+            " WHERE p.id_hash = $1 ORDER BY (p.account_id = b.account_id) DESC NULLS LAST,"
+            " (p.unbound_at IS NULL) DESC, (p.verification IN ('self', 'data')) DESC,"
+            " p.created_at DESC LIMIT 1", j.patient_ref, j.id)
+        if r is None:
+            return None
+        row_id = str(r["id"])
+
+        def dec(column: str) -> str:
+            return crypto.decrypt(r[column], table="patients", column=column, row_id=row_id)
+
+        try:
+            return HisPatient.of(j.patient_ref, dec("national_id_enc"), dec("name_enc"),
+                                 dec("phone_enc"))
+        except (DecryptionError, InvalidNationalId) as exc:
+            log.error("forwarder: the patient of booking %s cannot be read (%s)", j.id,
+                      type(exc).__name__)
+            return None
+
     async def _accepted(self, j: _Job, r: HisResult) -> None:
-        if await self._finish(j, "accepted", "his_accepted", None, his_id=r.his_id):
+        if await self._finish(j, "accepted", "his_accepted", None, his_id=r.his_id,
+                              visit=(r.start, r.end, r.place)):
             self.accepted += 1
+
+    async def _attention(self, j: _Job, status: str, reason: str, his_id: str | None) -> None:
+        """A terminal state for a person: no more retries (see the module docstring)."""
+        log.error("forwarder: booking %s needs an operator (%s: %s); see haoyuan his resolve",
+                  j.id, status, reason)
+        if await self._finish(j, status, f"his_{status}", reason, his_id=his_id,
+                              terminal=True):
+            self.attention += 1
 
     async def _rejected(self, j: _Job, reason: str) -> None:
         log.warning("forwarder: HIS rejected booking %s (%s); compensating", j.id, reason)
@@ -357,8 +470,7 @@ class HisForwarder:
             if await self._finish(j, "cancelled", "his_cancelled", r.reason, his_id=r.his_id):
                 self.cancelled += 1
         elif r.outcome == "rejected":
-            log.error("forwarder: HIS refused to cancel booking %s (%s)", j.id, r.reason)
-            await self._defer(j, f"cancel_rejected:{r.reason}")
+            await self._attention(j, "cancel_refused", r.reason or "refused", r.his_id)
         else:
             await self._defer(j, f"cancel_unknown:{r.reason}")
 
@@ -373,6 +485,8 @@ class HisForwarder:
         his_id: str | None = None,
         defer: bool = False,
         next_in: float | None = None,
+        visit: tuple[str | None, str | None, str | None] | None = None,
+        terminal: bool = False,
     ) -> bool:
         """Record a result if the row is still ours (same lease, same his_status).
 
@@ -383,14 +497,21 @@ class HisForwarder:
         if defer:
             next_in = self.backoff.delay(j.attempts)
             self.deferred += 1
+        start, end, place = visit or (None, None, None)
         async with self.pool.acquire() as conn, conn.transaction():
             tag = await conn.execute(
                 "UPDATE bookings SET his_status = $3, his_id = coalesce($4, his_id),"
                 " his_attempts = $5,"
                 " his_updated_at = CASE WHEN $6::float8 IS NULL THEN now()"
-                "   ELSE now() + make_interval(secs => $6::float8) END"
+                "   ELSE now() + make_interval(secs => $6::float8) END,"
+                " his_reason = CASE WHEN $8 THEN $9 WHEN $3 <> $7 THEN NULL ELSE his_reason END,"
+                " his_visit_start = coalesce($10::timestamptz, his_visit_start),"
+                " his_visit_end = coalesce($11::timestamptz, his_visit_end),"
+                " his_place = coalesce($12, his_place)"
                 " WHERE id = $1 AND his_updated_at = $2 AND his_status = $7",
                 j.id, j.lease, his_status, his_id, attempts, next_in, j.his_status,
+                terminal or his_status == "rejected", reason, _instant(start), _instant(end),
+                place,
             )
             if tag == "UPDATE 0":
                 log.info("forwarder: booking %s changed while in flight; left for the next step",
@@ -414,6 +535,16 @@ class HisForwarder:
             " WHERE id = $1 AND his_updated_at = $2",
             j.id, j.lease, seconds,
         )
+
+
+def _instant(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.timezone(dt.timedelta(hours=8)))
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

@@ -24,6 +24,8 @@ ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SLOT_RE = re.compile(r"^[A-Za-z0-9_:-]{1,32}$")
 #: Global (untagged) index session id -> partition; read once per process.
 SESSION_INDEX = f"{PREFIX}:sessions"
+#: Wake-ups of the HIS change poller (a notification from the HIS arrived).
+HIS_WAKE = f"{PREFIX}:his:wake"
 
 
 def partition_of(dept: str, date: str) -> int:

@@ -42,6 +42,8 @@ __all__ = [
     "InvalidNationalId",
     "InvalidPhone",
     "RedactingFilter",
+    "dev_crypto",
+    "is_development",
     "mask_id",
     "mask_name",
     "mask_phone",
@@ -49,6 +51,7 @@ __all__ = [
     "normalize_phone",
     "redact",
     "redact_processor",
+    "worker_crypto",
 ]
 
 # --------------------------------------------------------------------------- validation
@@ -412,6 +415,45 @@ class Crypto:
         if not openid:
             raise ValueError("openid is required")
         return self._hmac("openid", openid)
+
+
+def dev_crypto() -> Crypto:
+    """Fixed development keys, the same in every process (never for real data)."""
+    data = hashlib.sha256(b"haoyuan development data key").digest()
+    mac = hashlib.sha256(b"haoyuan development hmac key").digest()
+    return Crypto({"dev": data}, "dev", mac, dev=True)
+
+
+def is_development(environ: Mapping[str, str] | None = None) -> bool:
+    """``HAOYUAN_ENV`` is ``development`` (or ``dev``): production unless so."""
+    env = os.environ if environ is None else environ
+    return env.get("HAOYUAN_ENV", "").strip().lower() in ("development", "dev")
+
+
+def worker_crypto(environ: Mapping[str, str] | None = None, *, worker: str) -> Crypto:
+    """The patient data keys of a background worker that decrypts (the HIS
+    forwarder): ``HAOYUAN_DATA_KEYS`` and ``HAOYUAN_HMAC_KEY``. A production
+    worker refuses missing, development or weak keys, naming each problem
+    (``engine.config.ConfigError``; never a key); a development one without
+    keys uses the development keys."""
+    from engine.config import ConfigError
+
+    env = os.environ if environ is None else environ
+    dev = is_development(env)
+    if dev and not env.get("HAOYUAN_DATA_KEYS") and not env.get("HAOYUAN_HMAC_KEY"):
+        return dev_crypto()
+    try:
+        crypto = Crypto.from_env(env)
+    except CryptoConfigError as exc:
+        raise ConfigError(f"haoyuan {worker} refuses to start: {exc}") from None
+    if not dev:
+        problems = [f"{'HAOYUAN_HMAC_KEY' if w == 'HMAC key' else 'HAOYUAN_DATA_KEYS'}: {w}: {why}"
+                    for w, why in crypto.weak_keys()]
+        if problems:
+            raise ConfigError(f"haoyuan {worker} refuses to start (production: HAOYUAN_ENV is"
+                              " not development): weak patient data keys:\n  - "
+                              + "\n  - ".join(problems))
+    return crypto
 
 
 def _b64(text: str, what: str) -> bytes:

@@ -112,6 +112,10 @@ def _add_options(parser: Any) -> None:
     add("--hy-payment-secret", default="", is_secret=True,
         help="payment callback HMAC secret (default: env HAOYUAN_PAYMENT_SECRET, else the "
              "API's development secret)")
+    add("--hy-pay-url", default=env("HAOYUAN_LOAD_PAY_URL", ""),
+        help="pay through this WeChat Pay simulator (engine.testing.payment_simulator): it "
+             "POSTs the signed notification to the API's /v1/payments/wechat/notify (env "
+             "HAOYUAN_LOAD_PAY_URL); empty: the generic signed callback")
     add("--hy-abandon", type=float, default=0.1, help="fraction of holds abandoned")
     add("--hy-cancel", type=float, default=0.05, help="fraction of bookings cancelled later")
     add("--hy-bots", type=float, default=0.05, help="fraction of users that are bots")
@@ -145,6 +149,7 @@ class Config:
     release_in_s: float = 10.0
     release_at_ms: int = 0
     payment_secret: str = "dev-payment-secret"
+    pay_url: str = ""
     abandon: float = 0.1
     cancel: float = 0.05
     bots: float = 0.05
@@ -169,6 +174,7 @@ class Config:
             release_at_ms=int(g(o, "hy_release_at_ms", 0) or 0),
             payment_secret=str(g(o, "hy_payment_secret", "") or "")
             or os.environ.get("HAOYUAN_PAYMENT_SECRET", "") or "dev-payment-secret",
+            pay_url=str(g(o, "hy_pay_url", "") or "").rstrip("/"),
             abandon=_fraction(g(o, "hy_abandon", 0.1)),
             cancel=_fraction(g(o, "hy_cancel", 0.05)),
             bots=_fraction(g(o, "hy_bots", 0.05)),
@@ -326,6 +332,8 @@ class Answer:
 
 
 _JSON = "application/json"
+PAY_ROUTE = "POST WeChat Pay (simulator -> /v1/payments/wechat/notify)"
+HOLD_ROUTE = "/v1/holds/{id}"
 _SESSIONS = "/v1/sessions"
 _SESSION_AVAIL = "/v1/sessions/{id}/availability"
 _DEPT_AVAIL = "/v1/departments/{dept}/days/{date}/availability"
@@ -508,6 +516,8 @@ class HaoyuanUser(FastHttpUser):
 
     def confirm(self, hold_id: str, fee: int) -> Answer:
         """The payment side's callback: signed, retried with the same payment ref."""
+        if self.cfg.pay_url:
+            return self.pay_wechat(hold_id, fee)
         raw = _dumps({"payment_ref": f"pay-{uuid.uuid4().hex}", "amount": fee})
         a = Answer(0, TRANSPORT, None, None)
         path = f"/v1/holds/{hold_id}/confirm"
@@ -524,6 +534,31 @@ class HaoyuanUser(FastHttpUser):
                 return a
             self.pause(a.retry_after_s(0.3 * (attempt + 1)))
         return a
+
+    def pay_wechat(self, hold_id: str, fee: int) -> Answer:
+        """The patient pays in WeChat Pay (the simulator), which notifies the API;
+        then the mini-program looks at the hold to see it booked."""
+        notify = f"{self.host.rstrip('/')}/v1/payments/wechat/notify"
+        body = _dumps({"hold_id": hold_id, "amount": fee, "notify_url": notify})
+        with self.client.request("POST", f"{self.cfg.pay_url}/_sim/pay", data=body,
+                                 headers={"Content-Type": _JSON}, name=PAY_ROUTE,
+                                 catch_response=True) as r:
+            got: Any = None
+            try:
+                got = json.loads(r.content) if r.content else None
+            except ValueError:
+                got = None
+            code = int(got.get("status_code", 0)) if isinstance(got, dict) else 0
+            if code == 204:
+                r.success()
+            else:
+                r.failure(f"the notification was answered {code}")
+                return Answer(code or 0, TRANSPORT if not code else f"{code} notify", got, None)
+        a = self.call("GET", HOLD_ROUTE, f"/v1/holds/{hold_id}", expected=(404, 429))
+        state = a.get("state")
+        if state == "booked":
+            return Answer(200, "booked", {"booking_id": hold_id}, None)
+        return Answer(409, str(state or a.outcome), a.body, a.headers)
 
     def availability(self, route: str, path: str) -> list[dict[str, Any]] | None:
         """The ``sessions`` of an availability answer (one wait on 429), or None."""

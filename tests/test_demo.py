@@ -34,6 +34,15 @@ async def test_quick_demo_keeps_every_invariant(tmp_path: Path) -> None:
     assert s["oversold"] == 0 and s["undersold"] == 0
     assert s["booked_redis"] == s["booked_postgres"] == s["booked_his"] == s["capacity"]
     assert s["audit_ok"] is True and s["ok"] is True
+    # Money (issue 12): paid through the WeChat Pay simulator, every refund done,
+    # the day reconciled against its bill; the HIS stopped a session and
+    # cancelled some appointments at its window.
+    assert s["payments"] >= s["booked_postgres"]
+    assert s["refunds_due"] == s["refunds_done"] > 0
+    assert s["reconcile_ok"] is True
+    assert len(s["his_stopped_sessions"]) == 1 and s["window_cancels"] == 3
+    assert s["refund_causes"].get("suspended", 0) >= 1
+    assert s["refund_causes"].get("his_cancelled") == 3
     assert (tmp_path / "summary.json").exists() and (tmp_path / "spike_stats.csv").exists()
     assert {Path(p).name for p in s["plots"]} >= {"throughput.png", "latency.png",
                                                    "inventory_lag.png"}

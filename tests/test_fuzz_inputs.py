@@ -124,7 +124,9 @@ def _base(method: str, template: str, w: dict[str, str]) -> dict[str, Any]:
                                 "patient_id": str(uuid.UUID(int=7))},
         ("POST", "/v1/sessions/{session_id:str}/waitlist"): {
             "patient_id": str(uuid.UUID(int=7))},
-        ("POST", "/v1/holds/{hold_id:str}/confirm"): {"payment_ref": "fz-x", "amount": 1},
+        # A signed payment is money received: even for no hold of ours it is
+        # recorded in the ledger and refunded, so the base is an invalid body.
+        ("POST", "/v1/holds/{hold_id:str}/confirm"): {"payment_ref": "fz-x", "amount": -1},
         ("POST", "/v1/admin/sessions"): [],
         ("PUT", "/v1/admin/sessions/{session_id:str}/slots/{slot_id:str}/capacity"): {
             "capacity": -1},

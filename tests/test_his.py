@@ -154,16 +154,28 @@ async def test_what_we_send_is_an_r4b_appointment(client: FhirHisClient, admin: 
     assert appt.identifier[0].system == "urn:haoyuan:booking"
     assert appt.identifier[0].value == b.booking_id
     assert appt.slot[0].reference == "Slot/S20261201-D01-AM-0800"
-    assert {p.actor.reference for p in appt.participant} == {
+    refs = {p.actor.reference for p in appt.participant}
+    # The HIS adds where to go (a Location) and narrows the window by queue number.
+    assert {r for r in refs if not r.startswith("Location/")} == {
         f"Patient/{PATIENT}",
         "Practitioner/DR7",
     }
+    assert any(r.startswith("Location/") for r in refs)
     queue = [e.valueInteger for e in appt.extension if e.url == "urn:haoyuan:queue-number"]
     assert queue == [3]
     assert appt.serviceType[0].coding[0].code == "D01"
-    assert appt.start.isoformat() == "2026-12-01T08:00:00+08:00"  # naive read as CST
+    # A ten-minute slot (naive read as CST): the window the HIS gives is the slot.
+    assert appt_sent_start(b) == "2026-12-01T08:00:00+08:00"
+    assert appt.start.isoformat() == "2026-12-01T08:00:00+08:00"
+    assert (result.start, result.end) == ("2026-12-01T08:00:00+08:00",
+                                          "2026-12-01T08:10:00+08:00")
+    assert result.place and "诊室" in result.place
     search = admin.get(f"/Appointment?identifier=urn:haoyuan:booking|{b.booking_id}")
     assert Bundle.model_validate(search).total == 1
+
+
+def appt_sent_start(b: HisBooking) -> str:
+    return str(appointment_resource(b)["start"])
 
 
 @pytest.mark.parametrize(

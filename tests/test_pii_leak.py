@@ -1,7 +1,10 @@
-"""Personal data never leaks: after patients bind, hold, pay and cancel
-through the real API, and the writer and HIS forwarder ran, no raw national
+"""Personal data never leaks: after patients bind, hold, pay (the generic
+callback and WeChat Pay notifications into the ledger) and cancel through
+the real API, and the writer, the HIS forwarder (which sends the FHIR
+Patient), the HIS change poller and the refund worker ran, no raw national
 ID, phone or name is in any Redis key, value or stream, in the HIS
-simulator's records, in a pg_dump of the database, or in the logs."""
+simulator's appointments or request log, in a pg_dump of the database, or in
+the logs. The HIS's Patient resources are the one place they go, by design."""
 
 from __future__ import annotations
 
@@ -22,11 +25,15 @@ from api.app import create_app
 from engine.engine import Engine, EngineConfig
 from engine.forwarder import ForwarderConfig, HisForwarder
 from engine.his.fhir import FhirHisClient
+from engine.his.inbound import HisInbound
+from engine.payments.wechat import WechatPay
+from engine.refunds import RefundConfig, RefundWorker
 from engine.store.migrate import migrate
 from engine.testing.his_simulator import SimConfig, SimulatorProcess
+from engine.testing.payment_simulator import PaymentSimulatorProcess, PaySimConfig
 from engine.testing.servers import find_postgres_bindir
 from engine.writer import OutboxWriter, WriterConfig
-from tests.apikit import import_sessions, login, national_id, pay, settings
+from tests.apikit import api, import_sessions, login, national_id, pay, settings
 from tests.enginekit import make_spec
 
 PHONE = "13812345678"
@@ -44,7 +51,10 @@ async def test_no_raw_personal_data_anywhere(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     ids = [national_id(i) for i in range(6)]
-    app = create_app(settings(redis_url, db, log_level="debug"))
+    paysim = PaymentSimulatorProcess(PaySimConfig()).start()
+    wxcfg = paysim.wechat_config()
+    app = create_app(settings(redis_url, db, log_level="debug", wxpay=wxcfg))
+    crypto = api(app).crypto
     async with AsyncTestClient(app) as client:
         await import_sessions(client, [make_spec("PII", caps=(10,))])
         for i, nid in enumerate(ids):
@@ -60,6 +70,20 @@ async def test_no_raw_personal_data_anywhere(
             assert h.status_code == 201, h.text
             if i % 2 == 0:
                 assert (await pay(client, h.json()["hold_id"], 5000)).status_code == 200
+            elif i != 5:
+                async with httpx.AsyncClient(base_url=paysim.url) as http:
+                    got = (await http.post("/_sim/pay", json={
+                        "hold_id": h.json()["hold_id"], "amount": 5000,
+                        "deliver": False})).json()
+                r = await client.post("/v1/payments/wechat/notify",
+                                      content=got["body"].encode(),
+                                      headers={**got["headers"],
+                                               "Content-Type": "application/json"})
+                assert r.status_code == 204, r.text
+            if i == 1:
+                c = await client.post(f"/v1/bookings/{h.json()['hold_id']}/cancel",
+                                      headers=headers)
+                assert c.status_code == 200, c.text
             if i == 0:
                 c = await client.post(f"/v1/bookings/{h.json()['hold_id']}/cancel",
                                       headers=headers)
@@ -71,7 +95,7 @@ async def test_no_raw_personal_data_anywhere(
             assert r.status_code == 422 and bad not in r.text
 
     pool = await asyncpg.create_pool(db, min_size=1, max_size=2)
-    with SimulatorProcess(SimConfig()) as sim:
+    with SimulatorProcess(SimConfig(require_patients=True)) as sim:
         try:
             async with Engine.connect(redis_url, EngineConfig()) as eng:
                 await asyncio.wait_for(
@@ -79,12 +103,27 @@ async def test_no_raw_personal_data_anywhere(
                         asyncio.Event(), burst=True), 30)
                 async with FhirHisClient(sim.url, timeout=3.0) as his:
                     await asyncio.wait_for(HisForwarder(eng, pool, his, ForwarderConfig(
-                        backoff_base_s=0.05)).run(asyncio.Event(), burst=True), 30)
+                        backoff_base_s=0.05), crypto=crypto).run(asyncio.Event(), burst=True),
+                        30)
+                    async with httpx.AsyncClient(base_url=sim.url) as http:
+                        booked = [b for b, st in (await http.get(
+                            "/_sim/appointments")).json().items() if st == "booked"]
+                        await http.post("/_sim/his/cancel", json={"booking_id": booked[0]})
+                    await HisInbound(eng, pool, his).poll_once()
+                await asyncio.wait_for(
+                    OutboxWriter(eng, pool, WriterConfig(block_ms=20)).run(
+                        asyncio.Event(), burst=True), 30)
+                async with WechatPay(wxcfg) as wx:
+                    refunds = RefundWorker(pool, wx, RefundConfig(backoff_base_s=0.05))
+                    await asyncio.wait_for(refunds.run(asyncio.Event(), burst=True), 30)
+                    assert refunds.succeeded >= 1
         finally:
             await pool.close()
+            paysim.stop()
         async with httpx.AsyncClient(base_url=sim.url) as http:
-            his_text = (await http.get("/_sim/appointments")).text
+            his_text = (await http.get("/_sim/appointment-resources")).text
             his_text += (await http.get("/_sim/received")).text
+            his_patients = (await http.get("/_sim/patients")).text
 
     secrets = [*ids, PHONE, NAME]
     pattern = re.compile("|".join(re.escape(s) for s in secrets))
@@ -119,8 +158,11 @@ async def test_no_raw_personal_data_anywhere(
     out = raw.decode()
     assert "patients" in out and not pattern.search(out)
 
-    # HIS got bookings, never the patient's identity.
+    # The HIS's appointments and request log name patients by the HIS's own
+    # id; the patient's identity went to its Patient resources, and only there.
     assert "PII" in his_text and not pattern.search(his_text)
+    assert "Patient/pat-" in his_text
+    assert sum(nid in his_patients for nid in ids) >= 2 and PHONE in his_patients
 
     # Logs.
     logs = "\n".join(rec.getMessage() for rec in caplog.records)

@@ -208,7 +208,13 @@ async def test_audit_trail_says_who_did_what(client: Client, app: Litestar, db: 
     problem(await pay(client, late, 5000, ref=uid("pay")), 409, "expired")
     await written(redis_url, db)
     due = (await client.get("/v1/admin/refunds", headers=finance)).json()
-    assert [x["booking_id"] for x in due] == [late] and due[0]["fee"] == 5000
+    # The booking the suspension (停诊) cancelled is refunded too (issue 12).
+    assert [x["booking_id"] for x in due] == [hold_id, late]
+    assert [x["cause"] for x in due] == ["suspended", "expired"]
+    assert due[1]["fee"] == 5000 and due[1]["state"] == "due"
+    r = await client.post(f"/v1/admin/refunds/{hold_id}/paid", headers=finance,
+                          json={"paid_ref": "wx-refund-0"})
+    assert r.status_code == 200, r.text
     r = await client.post(f"/v1/admin/refunds/{late}/paid", headers=finance,
                           json={"paid_ref": "wx-refund-1"})
     assert r.status_code == 200 and r.json()["paid_by"] == fin_id and not r.json()["replay"]
@@ -240,7 +246,7 @@ async def test_audit_trail_says_who_did_what(client: Client, app: Litestar, db: 
         ("booking.attendance", hold_id), ("hold.staff", staff_hold)]
     assert [(e["action"], e["detail"]["paid_ref"]) for e in await trail(client, op,
                                                                        actor=fin_id)] == [
-        ("refund.paid", "wx-refund-1")]
+        ("refund.paid", "wx-refund-1"), ("refund.paid", "wx-refund-0")]
     assert [e["action"] for e in await trail(client, op, target=late)] == ["refund.paid"]
     problem(await client.get("/v1/admin/audit-trail?limit=0", headers=op), 422, "invalid-input")
 

@@ -290,21 +290,22 @@ async def _book(request: AnyRequest, appt_id: str | None) -> Response[Any]:
         api.admission.leave()
     if isinstance(out, PaymentRefused):
         api.metrics.decision("fhir-book", out.kind)
-        return outcome(out.kind, "refused and recorded for refund", server_ms=out.server_ms,
-                       refund_due=True)
+        return outcome(out.kind, out.detail, server_ms=out.server_ms,
+                       refund_due=out.refund_due)
     if isinstance(out, Refused):
         api.metrics.decision("fhir-book", out.reason.value)
         return await _refused(api, out, rec.session_id)
+    booked = out.booked
     api.metrics.decision("fhir-book", "booked")
     info = await common.session_info(api, rec.session_id)
-    fid = ids.appointment_id(out.booking_id)
-    res = fhir.appointment(fid, "booked", info, out.slot_id, record_id=out.booking_id,
-                           unit=out.unit, created_ms=rec.at_ms or None, fee=rec.fee)
+    fid = ids.appointment_id(booked.booking_id)
+    res = fhir.appointment(fid, "booked", info, booked.slot_id, record_id=booked.booking_id,
+                           unit=booked.unit, created_ms=rec.at_ms or None, fee=rec.fee)
     base = common.base_url(api)
     headers = {"Location": f"{base}/Appointment/{fid}"}
-    if out.replay:
+    if booked.replay:
         headers["Idempotent-Replayed"] = "true"
-    return common.answer(fhir.bundle(base, [res], total=1), 200 if out.replay else 201, headers)
+    return common.answer(fhir.bundle(base, [res], total=1), 200 if booked.replay else 201, headers)
 
 
 async def _cancel(request: AnyRequest, appt_id: str, status: str | None) -> Response[Any]:

@@ -17,11 +17,13 @@ from litestar import Controller, Request, Response, get, post
 from api.context import api_of
 from api.docs import ACCOUNT, errors
 from api.guards import account_of, account_required
+from api.patient_words import reason_text, refund_text
 from api.problems import json_response, refused
 from api.routes.holds import not_found, own_record, recovering_or_not_found, shed
-from api.schemas import HOLD_ID_RE, BookingOut, CancelledOut
+from api.schemas import HOLD_ID_RE, BookingOut, CancelledOut, RefundView
 from engine.outcomes import Reason, RecordState, Refused
 from engine.store import queries as q
+from engine.store.payments import REFUND_COLS, RefundOrder, refund_order
 
 log = structlog.get_logger("haoyuan.api")
 _encode = msgspec.json.Encoder().encode
@@ -33,12 +35,32 @@ def _ms(t: dt.datetime | None) -> int | None:
     return None if t is None else (t - _EPOCH) // dt.timedelta(milliseconds=1)
 
 
-def _row(r: q.BookingRow) -> BookingOut:
+_CST = dt.timezone(dt.timedelta(hours=8))
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return None if t is None else t.astimezone(_CST).isoformat()
+
+
+def _row(r: q.BookingRow, refund: RefundOrder | None = None) -> BookingOut:
     return BookingOut(
         booking_id=r.id, session_id=r.session_id, slot_id=r.slot_id, unit=r.unit,
         status=r.status, fee=r.fee_cents, booked_at_ms=_ms(r.booked_at),
         cancelled_at_ms=_ms(r.cancelled_at), his_status=r.his_status,
+        his_appointment_id=r.his_id if r.his_status not in ("pending", "unknown") else None,
+        visit_start=_iso(r.his_visit_start), visit_end=_iso(r.his_visit_end), place=r.his_place,
+        reason_text=reason_text(r.status, r.status_reason, r.his_status, r.his_reason),
+        refund=None if refund is None else RefundView(
+            state=refund.state, amount=refund.amount, state_text=refund_text(refund.state)),
     )
+
+
+async def _refunds(db: q.Queryable, ids: list[str]) -> dict[str, RefundOrder]:
+    if not ids:
+        return {}
+    rows = await db.fetch(f"SELECT {REFUND_COLS} FROM refund_orders"
+                          " WHERE booking_id = any($1::text[])", ids)
+    return {r["booking_id"]: refund_order(r) for r in rows}
 
 
 class BookingController(Controller):
@@ -51,7 +73,8 @@ class BookingController(Controller):
     async def list_(self, request: Request[Any, Any, Any]) -> list[BookingOut]:
         api = api_of(request)
         rows = await q.bookings_for_account(api.pool, account_of(request))
-        return [_row(r) for r in rows]
+        refunds = await _refunds(api.pool, [r.id for r in rows])
+        return [_row(r, refunds.get(r.id)) for r in rows]
 
     @get("/{booking_id:str}", responses=errors(401, 404), summary="One of the account's bookings")
     async def view(self, request: Request[Any, Any, Any], booking_id: str) -> BookingOut:
@@ -62,6 +85,8 @@ class BookingController(Controller):
             raise not_found(path, "booking")
         status = rec.state.label
         row = await q.booking_by_id(api.pool, booking_id)
+        seen = None if row is None else _row(
+            row, (await _refunds(api.pool, [booking_id])).get(booking_id))
         return BookingOut(
             booking_id=rec.id, session_id=rec.session_id, slot_id=rec.slot_id,
             unit=rec.unit, status=status,  # type: ignore[arg-type]
@@ -69,6 +94,12 @@ class BookingController(Controller):
             cancelled_at_ms=rec.ended_ms or None if status == "cancelled" else None,
             his_status=None if row is None else row.his_status,
             late=bool(rec.late),
+            his_appointment_id=None if seen is None else seen.his_appointment_id,
+            visit_start=None if seen is None else seen.visit_start,
+            visit_end=None if seen is None else seen.visit_end,
+            place=None if seen is None else seen.place,
+            reason_text=None if seen is None else seen.reason_text,
+            refund=None if seen is None else seen.refund,
         )
 
     @post("/{booking_id:str}/cancel", status_code=200, responses=errors(401, 404, 409, 429),

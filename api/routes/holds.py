@@ -228,16 +228,8 @@ class HoldController(Controller):
         recorded for refund."""
         api = api_of(request)
         path: str = request.scope["path"]
-        rec = None if not HOLD_ID_RE.fullmatch(hold_id) else await api.engine.record(hold_id)
-        if rec is None:
-            raise await recovering_or_not_found(api, hold_id, path, "hold")
         log.info("payment_callback", hold_id=hold_id, payment_ref=data.payment_ref,
                  amount=data.amount)
-        fee = rec.fee
-        if fee is not None and fee != data.amount:
-            api.metrics.decision("confirm", "amount-mismatch")
-            return problem("amount-mismatch", f"the fee of this hold is {int(fee)}",
-                           instance=path)
         if not api.admission.enter():
             return shed(api, "confirm", path)
         try:
@@ -246,14 +238,14 @@ class HoldController(Controller):
             api.admission.leave()
         if isinstance(out, PaymentRefused):
             api.metrics.decision("confirm", out.kind)
-            return problem(out.kind, "refused and recorded for refund", instance=path,
-                           server_ms=out.server_ms, refund_due=True)
+            return problem(out.kind, out.detail, instance=path, server_ms=out.server_ms,
+                           refund_due=out.refund_due)
         if isinstance(out, Refused):
             api.metrics.decision("confirm", out.reason.value)
             return refused(out, path)
+        b, fee = out
         api.metrics.decision("confirm", "booked")
-        body = BookingOut(booking_id=out.booking_id, session_id=out.session_id,
-                          slot_id=out.slot_id, unit=out.unit, status="booked",
-                          fee=int(fee) if fee is not None else None, server_ms=out.server_ms,
-                          late=out.late, replay=out.replay)
+        body = BookingOut(booking_id=b.booking_id, session_id=b.session_id,
+                          slot_id=b.slot_id, unit=b.unit, status="booked",
+                          fee=fee, server_ms=b.server_ms, late=b.late, replay=b.replay)
         return json_response(_encode(body))

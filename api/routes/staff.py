@@ -67,6 +67,14 @@ class RefundOut(msgspec.Struct, frozen=True, kw_only=True):
     paid_ref: str | None = None
     paid_by: str | None = None
     replay: bool = False
+    #: due, requested, succeeded or failed (see engine.refunds).
+    state: str = "due"
+    cause: str = ""
+    amount: int = 0
+    provider: str = ""
+    out_refund_no: str = ""
+    attempts: int = 0
+    last_error: str | None = None
 
 
 class RefundPaidIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -79,7 +87,9 @@ def _refund(r: rf.RefundRow, replay: bool = False) -> RefundOut:
     return RefundOut(booking_id=r.booking_id, reason=r.reason,
                      created_at_ms=_ms(r.created_at) or 0, fee=r.fee_cents,
                      payment_ref=r.payment_ref, paid_at_ms=_ms(r.paid_at), paid_ref=r.paid_ref,
-                     paid_by=r.paid_by, replay=replay)
+                     paid_by=r.paid_by, replay=replay, state=r.state, cause=r.cause,
+                     amount=r.amount, provider=r.provider, out_refund_no=r.out_refund_no,
+                     attempts=r.attempts, last_error=r.last_error)
 
 
 class StaffController(Controller):
@@ -127,18 +137,24 @@ class StaffController(Controller):
     async def refunds(
         self,
         request: Request[Any, Any, Any],
-        status: Literal["due", "paid"] = "due",
+        status: Literal["due", "paid", "requested", "failed"] = "due",
         limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
     ) -> list[RefundOut]:
-        rows = await rf.refunds(api_of(request).pool, paid=status == "paid", limit=limit)
+        """``due``: every refund not done yet (due, requested, failed); ``paid``:
+        done (by the provider or by hand); ``requested``, ``failed``: just those."""
+        state = status if status in ("requested", "failed") else None
+        rows = await rf.refunds(api_of(request).pool, paid=status == "paid", limit=limit,
+                                state=state)
         return [_refund(r) for r in rows]
 
     @post("/refunds/{booking_id:str}/paid", status_code=200, responses=errors(401, 403, 404, 409),
           before_request=staff_required("finance"), summary="Record that a refund was paid out")
     async def refund_paid(self, request: Request[Any, Any, Any], booking_id: str,
                           data: RefundPaidIn) -> RefundOut:
-        """Idempotent for the same ``paid_ref`` (``replay``); a refund already
-        paid under another reference is a 409 ``invalid-state``."""
+        """For refunds finance pays out by hand (a provider without a refund API
+        here, or a refund the provider failed). Idempotent for the same
+        ``paid_ref`` (``replay``); a refund already paid under another
+        reference, or by the provider, is a 409 ``invalid-state``."""
         api = api_of(request)
         path: str = request.scope["path"]
         got = None

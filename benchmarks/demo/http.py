@@ -41,8 +41,8 @@ class Api:
 
 
 @contextlib.asynccontextmanager
-async def api_server(redis_url: str, pg_dsn: str, out: Path, workers: int = 2
-                     ) -> AsyncIterator[Api]:
+async def api_server(redis_url: str, pg_dsn: str, out: Path, workers: int = 2,
+                     extra_env: dict[str, str] | None = None) -> AsyncIterator[Api]:
     port = free_port()
     env = dict(os.environ)
     env.update({
@@ -56,6 +56,7 @@ async def api_server(redis_url: str, pg_dsn: str, out: Path, workers: int = 2
         "HAOYUAN_ACCESS_LOG": "0",
         # The crowd comes from one address: no per-client limit on new accounts.
         "HAOYUAN_NEW_ACCOUNTS_INTERVAL_S": "0",
+        **(extra_env or {}),
     })
     log = (out / "api.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
@@ -90,7 +91,7 @@ async def api_server(redis_url: str, pg_dsn: str, out: Path, workers: int = 2
 
 async def run_locust(api: Api, out: Path, *, date: str, release_at_ms: int, peak_users: int,
                      quiet_users: int, ramp_s: float, hold_s: float, decay_s: float,
-                     total_s: float, seed: int) -> dict[str, Any]:
+                     total_s: float, seed: int, pay_url: str = "") -> dict[str, Any]:
     summary = out / "locust.json"
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
            "--host", api.url, "--csv", str(out / "spike"), "--html", str(out / "spike.html"),
@@ -100,6 +101,8 @@ async def run_locust(api: Api, out: Path, *, date: str, release_at_ms: int, peak
            "--hy-peak-users", str(peak_users), "--hy-quiet-users", str(quiet_users),
            "--hy-ramp-s", str(ramp_s), "--hy-hold-s", str(hold_s), "--hy-decay-s", str(decay_s),
            "--hy-total-s", str(total_s), "--hy-think", "0.5-2"]
+    if pay_url:  # the crowd pays in WeChat Pay (the simulator notifies the API)
+        cmd += ["--hy-pay-url", pay_url]
     env = dict(api.env)
     log = (out / "locust.log").open("wb")
     proc = await asyncio.create_subprocess_exec(*cmd, cwd=str(ROOT), env=env, stdout=log,

@@ -2,11 +2,16 @@
 
 Starts what is missing (private Redis with AOF ``always`` and PostgreSQL
 unless ``HAOYUAN_REDIS_URL`` / ``HAOYUAN_PG_DSN`` are set, the HIS
-simulator, the outbox writer, the HIS forwarder and the hold sweeper),
+simulator, the WeChat Pay simulator, the outbox writer, the HIS forwarder
+with its change poller, the refund worker and the hold sweeper),
 imports a demo hospital, sets the release instant a few seconds ahead, runs
 the spike for a bounded time, waits for the writer and forwarder to drain,
 runs the audit, stops everything it started and prints a report (with a
-JSON summary and PNG plots under ``--out``).
+JSON summary and PNG plots under ``--out``). Patients pay through the WeChat
+Pay simulator (its signed notification reaches the API, or the payment
+intake in process); after the spike the HIS stops a session or two (停诊) and
+cancels a few appointments at its window, every refund goes through the
+refund worker, and the day is reconciled against the simulator's bill.
 
 The spike runs patients as asyncio tasks against the HTTP API when it is
 available (``benchmarks.demo.http``), else through the engine in process.
@@ -20,6 +25,7 @@ import contextlib
 import logging
 import os
 import random
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -73,14 +79,24 @@ class Stack:
     cluster: Any = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    #: The WeChat Pay simulator and a client of it; the HIS simulator if ours.
+    pay_url: str = ""
+    wx: Any = None
+    his_sim: bool = False
+    api_env: dict[str, str] = field(default_factory=dict)
 
 
 @contextlib.asynccontextmanager
 async def start_stack(*, say: Any, cluster: bool = False) -> AsyncIterator[Stack]:
     from engine.forwarder import ForwarderConfig, HisForwarder
     from engine.his.fhir import FhirHisClient
+    from engine.his.inbound import HisInbound, InboundConfig
+    from engine.payments.wechat import WechatPay
+    from engine.pii import worker_crypto
+    from engine.refunds import RefundConfig, RefundWorker
     from engine.store.migrate import migrate
     from engine.testing.his_simulator import SimConfig, SimulatorProcess
+    from engine.testing.payment_simulator import PaymentSimulatorProcess, PaySimConfig, wxpay_env
     from engine.testing.servers import PostgresServer, RedisClusterServer, RedisServer
 
     started: list[Any] = []
@@ -111,6 +127,8 @@ async def start_stack(*, say: Any, cluster: bool = False) -> AsyncIterator[Stack
             say(f"started private PostgreSQL at {pg_dsn}")
         await migrate(pg_dsn)
         his_url = os.environ.get("HAOYUAN_HIS_URL")
+        his_sim = not his_url
+        notify_token = secrets.token_urlsafe(32)
         if not his_url:
             sim = await asyncio.to_thread(
                 lambda: SimulatorProcess(SimConfig(latency_ms=5.0, error_rate=0.02, seed=7)
@@ -118,29 +136,47 @@ async def start_stack(*, say: Any, cluster: bool = False) -> AsyncIterator[Stack
             started.append(sim)
             his_url = sim.url
             say(f"started the HIS simulator (FHIR R4) at {his_url}")
+        paysim = await asyncio.to_thread(
+            lambda: PaymentSimulatorProcess(PaySimConfig(seed=7)).start())
+        started.append(paysim)
+        wxcfg = await asyncio.to_thread(paysim.wechat_config)
+        say(f"started the WeChat Pay simulator (API v3) at {paysim.url}")
+        # The forwarder decrypts patients with the API's keys (development ones
+        # unless HAOYUAN_DATA_KEYS is set, as the API does).
+        crypto = worker_crypto({**os.environ, "HAOYUAN_ENV": "development"}, worker="demo")
         pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=8)
         cfg = EngineConfig(account_rate_per_s=2.0, account_burst=6,
                            patient_rate_per_s=2.0, patient_burst=6, cluster=cluster)
         async with Engine.connect(redis_url, cfg) as eng:
             if not cluster:
                 await eng.client.flushall()
+            wx = WechatPay(wxcfg)
             stack = Stack(redis_url, pg_dsn, his_url, eng, pool,
-                          cluster=started[0] if cluster else None)
+                          cluster=started[0] if cluster else None, pay_url=paysim.url, wx=wx,
+                          his_sim=his_sim,
+                          api_env={**wxpay_env(wxcfg), "HAOYUAN_HIS_NOTIFY_TOKEN": notify_token})
             writer = OutboxWriter(eng, pool, WriterConfig(block_ms=50))
             his = FhirHisClient(his_url, timeout=2.0)
-            fwd = HisForwarder(eng, pool, his, ForwarderConfig())
+            fwd = HisForwarder(eng, pool, his, ForwarderConfig(), crypto=crypto)
+            inbound = HisInbound(eng, pool, his, InboundConfig(interval_s=2.0))
+            refunds = RefundWorker(pool, wx, RefundConfig(backoff_base_s=0.2, backoff_cap_s=2.0,
+                                                          idle_s=0.2))
             stack.tasks += [
                 asyncio.create_task(writer.run(stack.stop)),
                 asyncio.create_task(fwd.run(stack.stop)),
+                asyncio.create_task(inbound.run(stack.stop)),
+                asyncio.create_task(refunds.run(stack.stop)),
                 asyncio.create_task(Sweeper(eng, interval_s=0.5).run(stack.stop)),
             ]
-            say("writer, HIS forwarder and sweeper running")
+            say("writer, HIS forwarder (and its change poller), refund worker and sweeper "
+                "running")
             try:
                 yield stack
             finally:
                 stack.stop.set()
                 await asyncio.gather(*stack.tasks, return_exceptions=True)
                 await his.aclose()
+                await wx.aclose()
                 await pool.close()
     finally:
         for s in reversed(started):
@@ -176,6 +212,7 @@ class Crowd:
     abandon, some cancel later; bots never pay and never wait."""
 
     def __init__(self, stack: Stack, specs: list[SessionSpec], stats: Stats, seed: int) -> None:
+        self.stack = stack
         self.eng = stack.engine
         self.specs = {s.session_id: s for s in specs}
         self.by_doctor: dict[str, list[SessionSpec]] = {}
@@ -235,7 +272,8 @@ class Crowd:
             await self.call("release", self.eng.release(h.hold_id, account=acct))
             self.wanting.discard(pat)
             return
-        b = await self.call("confirm", self.eng.confirm(h.hold_id, f"pay-{i}"))
+        b = await self.call("confirm", self.pay_wechat(h.hold_id,
+                                                       self.specs[h.session_id].fee))
         if b is not None and b.ok:
             self.booked[pat] = h.hold_id
             self.wanting.discard(pat)
@@ -244,6 +282,28 @@ class Crowd:
                 c = await self.call("cancel", self.eng.cancel(h.hold_id, account=acct))
                 if c is not None and c.ok:
                     del self.booked[pat]
+
+    async def pay_wechat(self, hold_id: str, fee: int) -> Any:
+        """The patient pays in WeChat Pay (the simulator); its signed notification
+        is verified and taken in as the API's notification route does."""
+        import datetime as dt
+
+        import httpx
+
+        from engine.payments.intake import Incoming, take_payment
+
+        async with httpx.AsyncClient(base_url=self.stack.pay_url, timeout=30) as http:
+            got = (await http.post("/_sim/pay", json={"hold_id": hold_id, "amount": fee,
+                                                     "deliver": False})).json()
+        n = self.stack.wx.parse_notification(got["headers"], got["body"].encode())
+        taken = await take_payment(self.eng, self.stack.pool, Incoming(
+            provider=n.provider, transaction_id=n.transaction_id, hold_id=n.hold_id,
+            payment_ref=n.transaction_id, amount=n.amount,
+            paid_at=dt.datetime.fromisoformat(n.paid_at), out_trade_no=n.out_trade_no))
+        out = taken.booked or taken.refused
+        if out is None:
+            raise RuntimeError(f"payment of {hold_id}: {taken.kind} {taken.reason}")
+        return out
 
     async def spike(self, scale: Scale, release_at: float) -> None:
         deadline = release_at + scale.spike_s
@@ -275,7 +335,7 @@ class Crowd:
             units = 0
             for spec in self.specs.values():
                 a = await self.eng.availability(spec.session_id)
-                if a is not None and a.free > 0:
+                if a is not None and a.free > 0 and a.status == "open":
                     free.append(spec)
                     units += a.free
             if not free:
@@ -386,7 +446,15 @@ async def run_demo(*, quick: bool = False, json_only: bool = False,
         api = None
         if use_http:
             api = await ctx.enter_async_context(
-                demo_http.api_server(stack.redis_url, stack.pg_dsn, out))
+                demo_http.api_server(stack.redis_url, stack.pg_dsn, out,
+                                     extra_env=stack.api_env))
+            if stack.his_sim:  # the HIS pushes its changes (a Subscription rest-hook)
+                import httpx
+
+                async with httpx.AsyncClient(timeout=5) as http:
+                    await http.post(f"{stack.his_url}/_sim/config", json={
+                        "notify_url": f"{api.url}/v1/his/notify",
+                        "notify_token": stack.api_env["HAOYUAN_HIS_NOTIFY_TOKEN"]})
             say(f"API up at {api.url} (granian, 2 workers)")
         lead_s = hscale.lead_s if hscale else scale.release_in_s
         server_ms = await stack.engine.server_time_ms()
@@ -421,7 +489,7 @@ async def run_demo(*, quick: bool = False, json_only: bool = False,
                     api, out, date=date, release_at_ms=release_ms,
                     peak_users=hscale.peak_users, quiet_users=hscale.quiet_users,
                     ramp_s=hscale.ramp_s, hold_s=hscale.hold_s, decay_s=hscale.decay_s,
-                    total_s=hscale.total_s, seed=seed)
+                    total_s=hscale.total_s, seed=seed, pay_url=stack.pay_url)
             finally:
                 progress.cancel()
                 spike_end = time.perf_counter()
@@ -439,17 +507,20 @@ async def run_demo(*, quick: bool = False, json_only: bool = False,
             "patients still waiting")
         await asyncio.sleep(scale.hold_ttl_ms / 1000 + 0.5)
         await stack.engine.sweep()
+        disrupted = await disrupt(stack, specs, quick, say)
         if locust is not None:
             # Patients of the last call come in through the engine: everyone
             # who lost in the spike and still wants a unit.
             crowd.wanting = {f"demo-pat-{i}" for i in range(scale.patients)}
-        await crowd.last_call(timeout_s=30)  # each grab waits for its own payment
+        # Each grab waits for its own payment (through WeChat Pay).
+        await crowd.last_call(timeout_s=30)
         if killer is not None:
             await killer
             await _recover(stack, say, failover_figures)
         await _drain(stack, timeout_s=60)
         stop_sampling.set()
         await sampler
+        money = await _money(stack, say)
         report = await run_audit(stack.engine, stack.pool, his=None)
         from engine.his.fhir import FhirHisClient
 
@@ -458,8 +529,10 @@ async def run_demo(*, quick: bool = False, json_only: bool = False,
             his_report = await run_audit(stack.engine, stack.pool, his)
         finally:
             await his.aclose()
+        stopped = {sid for sid in disrupted.get("his_stopped_sessions", [])}
         summary = _summary(stats, scale, specs, report, his_report, sampled,
-                           len(crowd.wanting), release_at - t0, spike_end - t0, locust)
+                           len(crowd.wanting), release_at - t0, spike_end - t0, locust,
+                           stopped=stopped, money={**money, **disrupted})
         if cluster:
             summary["redis"] = "cluster"
         if failover:
@@ -470,7 +543,9 @@ async def run_demo(*, quick: bool = False, json_only: bool = False,
             summary["failover"] = failover_figures
             if only_503 and summary["http_5xx"] and not summary["ok"]:
                 summary["ok"] = bool(summary["audit_ok"] and summary["oversold"] == 0
-                                     and summary["undersold"] == 0 and summary["errors"] == 0)
+                                     and summary["undersold"] == 0 and summary["errors"] == 0
+                                     and summary["reconcile_ok"]
+                                     and summary["refunds_done"] == summary["refunds_due"])
     try:
         from benchmarks.demo.report import plot
 
@@ -554,27 +629,112 @@ async def _progress(stats: Stats, say: Any, scale: Scale, t0: float) -> None:
 
 async def _drain(stack: Stack, timeout_s: float) -> None:
     from engine.forwarder import his_lag
+    from engine.refunds import refund_lag
 
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         lag = await outbox_lag(stack.engine.client)
         h = await his_lag(stack.pool)
-        if lag.pending == 0 and lag.undelivered == 0 and h.pending == 0:
+        r = await refund_lag(stack.pool)
+        if lag.pending == 0 and lag.undelivered == 0 and h.pending == 0 and \
+                r.due + r.requested + r.failed == 0:
             return
         await asyncio.sleep(0.2)
 
 
+async def disrupt(stack: Stack, specs: list[SessionSpec], quick: bool, say: Any
+                  ) -> dict[str, Any]:
+    """The HIS's own changes: a 停诊 or two and a few window cancels, entered in
+    the HIS (the simulator) once the bookings reached it; the change poller
+    (woken by the HIS's notification, or its own timer) applies them."""
+    if not stack.his_sim:
+        return {}
+    import httpx
+
+    await _drain(stack, timeout_s=60)
+    rows = await stack.pool.fetch(
+        "SELECT id, session_id FROM bookings WHERE status = 'booked' AND his_status ="
+        " 'accepted' ORDER BY booked_at")
+    by_session: dict[str, list[str]] = {}
+    for r in rows:
+        by_session.setdefault(r["session_id"], []).append(r["id"])
+    order = [s.session_id for s in specs if by_session.get(s.session_id)]
+    stop = order[-(1 if quick else 2):]  # the least wanted doctors stop
+    cancels = [b for sid in order if sid not in stop for b in by_session[sid][:1]][
+        :(3 if quick else 5)]
+    async with httpx.AsyncClient(base_url=stack.his_url, timeout=10) as http:
+        for sid in stop:
+            await http.post("/_sim/his/suspend", json={"session_id": sid, "reason": "停诊"})
+        for b in cancels:
+            await http.post("/_sim/his/cancel", json={"booking_id": b, "reason": "window"})
+    await stack.engine.poke_his()
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        recs = [await stack.engine.record(b) for b in cancels]
+        states = [await stack.engine.session_status(sid) for sid in stop]
+        if all(r is not None and r.state.value == "c" for r in recs) and \
+                all(st == "suspended" for st in states):
+            break
+        await asyncio.sleep(0.2)
+    say(f"the HIS stopped {len(stop)} session(s) (停诊) and cancelled {len(cancels)} "
+        "appointment(s) at its window: units back, refunds due")
+    return {"his_stopped_sessions": stop, "window_cancels": cancels}
+
+
+async def _money(stack: Stack, say: Any) -> dict[str, Any]:
+    """Refunds and payments once everything drained, and the day's reconciliation."""
+    import datetime as dt
+
+    import httpx
+
+    from engine.reconcile import reconcile
+
+    # WeChat Pay notifications still on their way (a payer who left mid-request
+    # is notified all the same): the ledger must have them before the books close.
+    async with httpx.AsyncClient(base_url=stack.pay_url, timeout=10) as http:
+        for _ in range(300):
+            if (await http.get("/_sim/deliveries")).json()["pending"] == 0:
+                break
+            await asyncio.sleep(0.1)
+    await _drain(stack, timeout_s=60)
+    row = await stack.pool.fetchrow(
+        "SELECT (SELECT count(*) FROM refund_orders) AS due,"
+        " (SELECT count(*) FROM refund_orders WHERE state = 'succeeded') AS done,"
+        " (SELECT count(*) FROM payments) AS payments")
+    causes = {r["cause"]: int(r["n"]) for r in await stack.pool.fetch(
+        "SELECT cause, count(*) AS n FROM refund_orders GROUP BY cause ORDER BY cause")}
+    days = [r["d"].isoformat() for r in await stack.pool.fetch(
+        "SELECT DISTINCT (paid_at AT TIME ZONE 'Asia/Shanghai')::date AS d FROM payments")]
+    days = days or [dt.datetime.now(dt.timezone(dt.timedelta(hours=8))).date().isoformat()]
+    reports = [await reconcile(stack.pool, stack.wx, d) for d in sorted(days)]
+    counts: dict[str, int] = {}
+    for r in reports:
+        for k, v in r.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    ok = all(r.ok for r in reports)
+    say(f"money: {row['payments']} payments, {row['due']} refunds due, {row['done']} done; "
+        f"reconciliation {'OK' if ok else counts}")
+    return {"refunds_due": int(row["due"]), "refunds_done": int(row["done"]),
+            "payments": int(row["payments"]), "reconcile_ok": ok, "reconcile_counts": counts,
+            "refund_causes": causes}
+
+
 def _summary(stats: Stats, scale: Scale, specs: list[SessionSpec], audit: Any, his_audit: Any,
              sampled: dict[str, Any], still_wanting: int, release_t: float,
-             end_t: float, locust: dict[str, Any] | None = None) -> dict[str, Any]:
+             end_t: float, locust: dict[str, Any] | None = None, *,
+             stopped: set[str] | None = None, money: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
     all_ms = [x for v in stats.lat.values() for x in v]
     n = len(all_ms)
     duration = max(1e-9, end_t - (release_t - 2.0))
+    # A session stopped by the HIS (停诊) no longer offers its units.
+    stopped = stopped or set()
+    open_ = [s for s in audit.sessions if s.session_id not in stopped]
     booked_redis = sum(s.booked_redis for s in audit.sessions)
     booked_pg = sum(s.booked_postgres or 0 for s in audit.sessions)
     booked_his = sum(s.booked_his or 0 for s in his_audit.sessions)
-    capacity = sum(s.capacity for s in audit.sessions)
-    free = sum(s.free for s in audit.sessions)
+    capacity = sum(s.capacity for s in open_)
+    free = sum(s.free for s in open_)
     held = sum(s.held for s in audit.sessions)
     oversold = sum(max(0, s.booked_redis - s.capacity) for s in audit.sessions)
     # Undersold: units left free while a patient who wanted one got nothing.
@@ -619,9 +779,12 @@ def _summary(stats: Stats, scale: Scale, specs: list[SessionSpec], audit: Any, h
                        if k in locust},
             "last_call_decisions": {k: len(v) for k, v in sorted(stats.lat.items())},
         }
+    m = money or {}
+    money_ok = bool(m.get("reconcile_ok", True)) and m.get("refunds_done") == m.get(
+        "refunds_due")
     return {
         "ok": bool(audit.ok and his_audit.ok and oversold == 0 and undersold == 0
-                   and head["errors"] == 0 and head["http_5xx"] == 0),
+                   and head["errors"] == 0 and head["http_5xx"] == 0 and money_ok),
         **head,
         "capacity": capacity,
         "booked_redis": booked_redis,
@@ -639,6 +802,16 @@ def _summary(stats: Stats, scale: Scale, specs: list[SessionSpec], audit: Any, h
         "patients_without_booking": still_wanting,
         "bots": scale.bots,
         "lag_series": sampled.get("series", []),
+        #: Refund orders created and done (through the WeChat Pay simulator),
+        #: payments in the ledger, and the day's reconciliation against its bill.
+        "refunds_due": m.get("refunds_due", 0),
+        "refunds_done": m.get("refunds_done", 0),
+        "payments": m.get("payments", 0),
+        "reconcile_ok": bool(m.get("reconcile_ok", False)),
+        "reconcile_counts": m.get("reconcile_counts", {}),
+        "refund_causes": m.get("refund_causes", {}),
+        "his_stopped_sessions": m.get("his_stopped_sessions", []),
+        "window_cancels": len(m.get("window_cancels", [])),
         "hardware": {"cpus": os.cpu_count(),
                      "note": "load generator, API/engine, Redis, PostgreSQL and the HIS "
                              "simulator share these cores"},
@@ -666,6 +839,11 @@ def _print_report(s: dict[str, Any]) -> None:
           f"audit {'OK' if s['audit_ok'] else 'BREACH'}")
     for b in s["audit_breaches"][:10]:
         print(f"  BREACH {b}")
+    print(f"money: {s['payments']} payments (WeChat Pay simulator), refunds due "
+          f"{s['refunds_due']}, done {s['refunds_done']}; the HIS stopped "
+          f"{len(s['his_stopped_sessions'])} session(s) (停诊) and cancelled "
+          f"{s['window_cancels']} at its window; reconciliation "
+          f"{'OK' if s['reconcile_ok'] else s['reconcile_counts']}")
     if s.get("plots"):
         print("plots: " + ", ".join(s["plots"]))
     print(f"verdict: {'OK' if s['ok'] else 'FAILED'}")

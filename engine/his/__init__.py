@@ -5,8 +5,10 @@
 
 from engine.his.base import (
     HisBooking,
+    HisChange,
     HisClient,
     HisError,
+    HisPatient,
     HisProtocolError,
     HisResult,
     HisSchedule,
@@ -22,8 +24,10 @@ __all__ = [
     "CircuitBreaker",
     "FhirHisClient",
     "HisBooking",
+    "HisChange",
     "HisClient",
     "HisError",
+    "HisPatient",
     "HisProtocolError",
     "HisResult",
     "HisSchedule",

@@ -11,6 +11,16 @@ idempotency identifier. Every call answers one of three outcomes:
   after the request went out). Reconcile with ``lookup``; never treat it as a
   failure and never as a success.
 
+``ensure_patient`` finds or creates the patient (conditional create on the
+national ID): ``accepted`` with the HIS's patient id in ``his_id``;
+``rejected`` (reason ``patient_ambiguous`` when several patients match, or
+the HIS's refusal) needs a human; ``unknown`` is looked up by sending it
+again (the conditional create is idempotent).
+
+``changes`` reads the HIS's change feed: the Appointments (booked, cancelled
+at the window or by phone, arrived, no-show) and Schedules (停诊) updated
+after an instant, oldest first, as :class:`HisChange` values.
+
 When nothing can have happened (connection refused, 5xx, 429, an open
 circuit breaker) the client raises :class:`HisUnavailable`: safe to retry
 after a backoff.
@@ -43,6 +53,40 @@ REASON_CANCELLED = "cancelled"
 REASON_TIMEOUT = "timeout"
 
 
+class HisPatient:
+    """The patient as the HIS registers them: only ever built on the
+    forwarder's path, from the decrypted binding, and never logged (its
+    ``repr`` shows masks)."""
+
+    __slots__ = ("birth_date", "gender", "name", "national_id", "patient_ref", "phone")
+
+    def __init__(self, *, patient_ref: str, national_id: str, name: str, phone: str,
+                 gender: Literal["male", "female"], birth_date: str) -> None:
+        self.patient_ref = patient_ref
+        self.national_id = national_id
+        self.name = name
+        self.phone = phone
+        self.gender = gender
+        self.birth_date = birth_date
+
+    @classmethod
+    def of(cls, patient_ref: str, national_id: str, name: str, phone: str) -> HisPatient:
+        """Gender and birth date derived from the ID (GB 11643-1999: YYYYMMDD at
+        positions 7-14; the 17th digit odd for male, even for female)."""
+        from engine.pii import normalize_national_id
+
+        nid = normalize_national_id(national_id)
+        return cls(patient_ref=patient_ref, national_id=nid, name=name, phone=phone,
+                   gender="male" if int(nid[16]) % 2 else "female",
+                   birth_date=f"{nid[6:10]}-{nid[10:12]}-{nid[12:14]}")
+
+    def __repr__(self) -> str:
+        from engine.pii import mask_id, mask_name, mask_phone
+
+        return (f"HisPatient({mask_id(self.national_id)}, {mask_name(self.name)},"
+                f" {mask_phone(self.phone)}, {self.gender})")
+
+
 class HisBooking(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One confirmed booking as the HIS sees it. No raw personal data."""
 
@@ -61,11 +105,36 @@ class HisBooking(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     end: str
     #: Registration fee in cents (分).
     fee: int
+    #: The HIS's own patient id (``ensure_patient``); None: the Appointment
+    #: names the patient by ``patient_ref`` (no patient data at hand).
+    patient_his_id: str | None = None
 
 
 class HisResult(msgspec.Struct, frozen=True):
     outcome: Outcome
     his_id: str | None = None
+    reason: str | None = None
+    #: The visit window the HIS gave the appointment (ISO 8601), and where.
+    start: str | None = None
+    end: str | None = None
+    place: str | None = None
+
+
+class HisChange(msgspec.Struct, frozen=True, kw_only=True):
+    """One resource the HIS changed (its change feed)."""
+
+    resource: Literal["Appointment", "Schedule"]
+    his_id: str
+    version: str
+    #: ``meta.lastUpdated`` (FHIR instant): the cursor moves past it.
+    last_updated: str
+    #: Appointment: its status (booked, cancelled, arrived, noshow, ...);
+    #: Schedule: ``active`` or ``inactive`` (停诊).
+    status: str
+    #: Our booking id (Appointment) or session id (Schedule), if it is ours.
+    booking_id: str | None = None
+    session_id: str | None = None
+    #: Why (cancelationReason's code or text), e.g. doctor_stopped.
     reason: str | None = None
 
 
@@ -127,6 +196,15 @@ class HisClient(Protocol):
 
     async def fetch_schedules(self, start_date: str, end_date: str) -> list[HisSchedule]:
         """Sessions dated within ``[start_date, end_date]`` (``YYYY-MM-DD``)."""
+        ...
+
+    async def ensure_patient(self, p: HisPatient) -> HisResult:
+        """Find or create the patient, idempotently on the national ID."""
+        ...
+
+    async def changes(self, resource: Literal["Appointment", "Schedule"], since: str
+                      ) -> list[HisChange]:
+        """Resources of this type updated after ``since`` (an instant; '' = all)."""
         ...
 
     async def aclose(self) -> None: ...

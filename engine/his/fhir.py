@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from datetime import tzinfo
-from typing import Any
+from datetime import UTC, datetime, tzinfo
+from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
@@ -27,6 +27,8 @@ from engine.his.base import (
     REASON_NOT_FOUND,
     REASON_TIMEOUT,
     HisBooking,
+    HisChange,
+    HisPatient,
     HisProtocolError,
     HisResult,
     HisSchedule,
@@ -40,14 +42,19 @@ from engine.his.fhir_resources import (
     REJECT_STATUSES,
     SYS_BOOKING,
     AppointmentView,
+    PatientView,
     ScheduleView,
     SlotView,
+    appointment_change,
     appointment_resource,
     booking_query,
     bundle_decoder,
     convert,
     json_decoder,
+    patient_query,
+    patient_resource,
     reason_of,
+    schedule_change,
     status_result,
     to_schedule,
 )
@@ -173,6 +180,48 @@ class FhirHisClient:
                 return HisResult("rejected", appt.id, reason_of(resp.content, resp.status_code))
             raise self._unavailable(resp)
         raise HisUnavailable("the appointment keeps changing under us", status_code=412)
+
+    async def ensure_patient(self, p: HisPatient) -> HisResult:
+        headers = {"Content-Type": FHIR_JSON, "If-None-Exist": patient_query(p.national_id),
+                   "Prefer": "return=representation"}
+        try:
+            resp = await self._send("POST", "Patient",
+                                    content=msgspec.json.encode(patient_resource(p)),
+                                    headers=headers)
+        except _MaybeSent:
+            return HisResult("unknown", None, REASON_TIMEOUT)
+        if resp.status_code in (200, 201):
+            try:
+                raw = json_decoder.decode(resp.content) if resp.content else None
+            except msgspec.DecodeError:
+                raw = None
+            if isinstance(raw, dict) and raw.get("resourceType") == "Patient":
+                pid = convert(raw, PatientView).id
+                if pid:
+                    return HisResult("accepted", pid)
+            parts = resp.headers.get("Location", "").split("/")
+            if "Patient" in parts and parts.index("Patient") + 1 < len(parts):
+                return HisResult("accepted", parts[parts.index("Patient") + 1])
+            return HisResult("unknown", None, "no_resource_id")
+        if resp.status_code == 412:
+            return HisResult("rejected", None, "patient_ambiguous")
+        if resp.status_code in REJECT_STATUSES:
+            return HisResult("rejected", None, reason_of(resp.content, resp.status_code))
+        raise self._unavailable(resp)
+
+    async def changes(self, resource: Literal["Appointment", "Schedule"], since: str
+                      ) -> list[HisChange]:
+        params = [("_sort", "_lastUpdated"), ("_count", "100")]
+        if since:
+            params.insert(0, ("_lastUpdated", f"gt{since}"))
+        try:
+            raws = await self._search(resource, params)
+        except _MaybeSent:
+            raise HisUnavailable(f"{resource} change search timed out") from None
+        read = appointment_change if resource == "Appointment" else schedule_change
+        out = [c for c in (read(r) for r in raws if r.get("resourceType") == resource) if c]
+        out.sort(key=lambda c: (_when(c.last_updated), c.his_id))
+        return out
 
     async def fetch_schedules(self, start_date: str, end_date: str) -> list[HisSchedule]:
         try:
@@ -303,6 +352,14 @@ class FhirHisClient:
             f"{resp.request.method} {resp.request.url.path}: HTTP {resp.status_code} ({reason})",
             status_code=resp.status_code,
         )
+
+
+def _when(value: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def _is_his_failure(status_code: int) -> bool:

@@ -38,6 +38,28 @@ Slot (one per time slot of a session)
     ``urn:haoyuan:capacity`` (valueInteger, default 1). Searched with
     ``GET /Slot?schedule=Schedule/<a>,Schedule/<b>,...``.
 
+Patient (one per person, found or created by the forwarder)
+    ``identifier`` the national ID under ``urn:oid:2.16.156.10011.1.3`` (居民身份证号,
+    WS/T 500), type ``v2-0203|NI``: the key of a conditional create
+    (``POST /Patient`` with ``If-None-Exist: identifier=urn:oid:...|<id>``;
+    several matches: 412, a human decides). ``name.text`` the whole name
+    (compound surnames make a split unreliable), ``gender`` and ``birthDate``
+    derived from the ID, ``telecom`` the mobile number. Only the forwarder
+    builds it: patient data is decrypted nowhere else. The Appointment then
+    references ``Patient/<the HIS's id>``.
+
+Visit window and place
+    The HIS may narrow ``start``/``end`` to the patient's window (e.g. ten
+    minutes around the queue number) and add a participant ``Location/<id>``
+    whose ``display`` says where (e.g. "门诊楼3层 心内科 5诊室"); the engine
+    keeps both for the patient.
+
+Changes (the HIS's change feed)
+    ``GET /Appointment?_lastUpdated=gt<instant>&_sort=_lastUpdated`` and the
+    same for ``Schedule``; a cancel's ``cancelationReason`` carries a code
+    (``doctor_stopped`` for 停诊) or text. A Subscription (rest-hook) only
+    pings: the search is the truth.
+
 This module builds JSON as plain dicts: ``fhir.resources`` is a test-only
 dependency (the tests validate what we send with it).
 """
@@ -54,6 +76,8 @@ import msgspec
 from engine.his.base import (
     REASON_CANCELLED,
     HisBooking,
+    HisChange,
+    HisPatient,
     HisProtocolError,
     HisResult,
     HisSchedule,
@@ -71,6 +95,9 @@ EXT_CAPACITY = "urn:haoyuan:capacity"
 EXT_HOSPITAL = "urn:haoyuan:hospital"
 EXT_SESSION_DATE = "urn:haoyuan:session-date"
 EXT_PERIOD = "urn:haoyuan:period"
+#: 居民身份证号 in China's health-information OID tree (WS/T 500, WS/T 682-2020).
+SYS_NATIONAL_ID = "urn:oid:2.16.156.10011.1.3"
+SYS_ID_TYPE = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
 #: China Standard Time: how naive datetimes are read unless told otherwise.
 CST = timezone(timedelta(hours=8))
@@ -104,6 +131,43 @@ def booking_query(booking_id: str) -> str:
     return "identifier=" + quote(f"{SYS_BOOKING}|{booking_id}", safe=":|")
 
 
+def patient_query(national_id: str) -> str:
+    """The conditional create's search: ``identifier=urn:oid:2.16.156.10011.1.3|<id>``."""
+    return "identifier=" + quote(f"{SYS_NATIONAL_ID}|{national_id}", safe=":|")
+
+
+def patient_resource(p: HisPatient) -> Json:
+    """The Patient we find or create (the national ID is its identifier)."""
+    return {
+        "resourceType": "Patient",
+        "identifier": [{
+            "use": "official",
+            "type": {"coding": [{"system": SYS_ID_TYPE, "code": "NI"}]},
+            "system": SYS_NATIONAL_ID,
+            "value": p.national_id,
+        }],
+        "active": True,
+        "name": [{"use": "official", "text": p.name}],
+        "telecom": [{"system": "phone", "value": p.phone, "use": "mobile"}],
+        "gender": p.gender,
+        "birthDate": p.birth_date,
+    }
+
+
+def subscription_resource(endpoint: str, token: str) -> Json:
+    """The R4 Subscription a hospital's FHIR server is asked to hold for us: a
+    rest-hook on our Appointments with criteria true in every state (a cancel
+    is never silent), no payload (a ping; we search), our bearer token."""
+    return {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "haoyuan: window and phone cancels, 停诊, arrivals and no-shows",
+        "criteria": f"Appointment?identifier={SYS_BOOKING}%7C",
+        "channel": {"type": "rest-hook", "endpoint": endpoint,
+                    "header": [f"Authorization: Bearer {token}"]},
+    }
+
+
 def instant(value: str, tz: tzinfo = CST) -> str:
     """An ISO datetime as a FHIR ``instant`` (naive values are read in ``tz``)."""
     dt = datetime.fromisoformat(value)
@@ -134,7 +198,7 @@ def appointment_resource(b: HisBooking, tz: tzinfo = CST) -> Json:
         "comment": f"queue number {b.unit}",
         "participant": [
             {
-                "actor": {"reference": f"Patient/{b.patient_ref}"},
+                "actor": {"reference": f"Patient/{b.patient_his_id or b.patient_ref}"},
                 "required": "required",
                 "status": "accepted",
             },
@@ -245,12 +309,38 @@ class _Extension(msgspec.Struct):
 
 class _Meta(msgspec.Struct):
     versionId: str | None = None
+    lastUpdated: str | None = None
+
+
+class _Actor(msgspec.Struct):
+    reference: str | None = None
+    display: str | None = None
+
+
+class _Participant(msgspec.Struct):
+    actor: _Actor | None = None
 
 
 class AppointmentView(msgspec.Struct):
     id: str | None = None
     status: str | None = None
     meta: _Meta | None = None
+    identifier: list[_Identifier] = []
+    start: str | None = None
+    end: str | None = None
+    participant: list[_Participant] = []
+    cancelationReason: _Concept | None = None
+
+
+class PatientView(msgspec.Struct):
+    id: str | None = None
+
+
+class ScheduleChangeView(msgspec.Struct):
+    id: str
+    meta: _Meta | None = None
+    identifier: list[_Identifier] = []
+    active: bool = True
 
 
 class ScheduleView(msgspec.Struct):
@@ -328,14 +418,55 @@ def reason_of(body: bytes, status_code: int) -> str:
     return f"http_{status_code}"
 
 
+def _place(appt: AppointmentView) -> str | None:
+    for p in appt.participant:
+        a = p.actor
+        if a is not None and (a.reference or "").startswith("Location/"):
+            return a.display or a.reference
+    return None
+
+
+def _reason(concept: _Concept | None) -> str | None:
+    if concept is None:
+        return None
+    for coding in concept.coding:
+        if coding.code:
+            return coding.code
+    return concept.text
+
+
 def status_result(raw: Mapping[str, Any]) -> HisResult:
     appt = convert(raw, AppointmentView)
     status = appt.status or ""
     if status in ACTIVE_STATUSES:
-        return HisResult("accepted", appt.id)
+        return HisResult("accepted", appt.id, None, appt.start, appt.end, _place(appt))
     if status in GONE_STATUSES:
         return HisResult("rejected", appt.id, status)
     return HisResult("unknown", appt.id, status or "no_status")
+
+
+def appointment_change(raw: Mapping[str, Any]) -> HisChange | None:
+    """An Appointment of the change feed (None: it has no id or version)."""
+    appt = convert(raw, AppointmentView)
+    meta = appt.meta
+    if appt.id is None or meta is None or not meta.lastUpdated:
+        return None
+    return HisChange(resource="Appointment", his_id=appt.id, version=meta.versionId or "",
+                     last_updated=meta.lastUpdated, status=appt.status or "",
+                     booking_id=_ident(appt.identifier, SYS_BOOKING),
+                     reason=_reason(appt.cancelationReason))
+
+
+def schedule_change(raw: Mapping[str, Any]) -> HisChange | None:
+    """A Schedule of the change feed: ``inactive`` is 停诊."""
+    sched = convert(raw, ScheduleChangeView)
+    meta = sched.meta
+    if meta is None or not meta.lastUpdated:
+        return None
+    return HisChange(resource="Schedule", his_id=sched.id, version=meta.versionId or "",
+                     last_updated=meta.lastUpdated,
+                     status="active" if sched.active else "inactive",
+                     session_id=_ident(sched.identifier, SYS_SESSION))
 
 
 def _ext(exts: Iterable[_Extension], url: str) -> _Extension | None:

@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from engine.events import Booked, Cancelled, OutboxEvent, RefundDue
+from engine.store.payments import cause_of_cancel, refund_for_booking
 
 log = logging.getLogger("haoyuan.writer")
 
@@ -69,13 +70,17 @@ async def record_booked(conn: Any, ev: Booked, eid: str) -> str | None:
                 "INSERT INTO refunds (booking_id, reason, stream_id) VALUES ($1,$2,$3)"
                 " ON CONFLICT (booking_id) DO NOTHING", ev.id, "conflict", eid,
             )
+            await refund_for_booking(conn, ev.id, ev.pay, ev.fee, "conflict",
+                                     "unit already booked")
             return str(winner or "")
     return None
 
 
 async def record_cancelled(conn: Any, ev: Cancelled, eid: str) -> None:
     """A cancelled booking: the row turns cancelled (or is created so, when
-    its booked event is later in the stream) and the HIS is told."""
+    its booked event is later in the stream) and the HIS is told (unless the
+    HIS itself cancelled it). A paid booking that ends without a visit gets
+    its one refund order."""
     at = _ts(ev.at)
     await conn.execute(
         "INSERT INTO bookings (id, session_id, slot_id, unit, patient_ref, account_id,"
@@ -86,12 +91,14 @@ async def record_cancelled(conn: Any, ev: Cancelled, eid: str) -> None:
         " ON CONFLICT (id) DO UPDATE SET status = 'cancelled',"
         " status_reason = EXCLUDED.status_reason, cancelled_at = EXCLUDED.cancelled_at,"
         " late_cancel = EXCLUDED.late_cancel,"
-        " his_status = CASE WHEN bookings.his_status = 'rejected' THEN 'rejected'"
-        "   ELSE 'cancel_pending' END, his_updated_at = NULL"
+        " his_status = CASE WHEN bookings.his_status IN ('rejected', 'cancelled')"
+        "   THEN bookings.his_status ELSE 'cancel_pending' END, his_updated_at = NULL"
         " WHERE bookings.status = 'booked'",
         ev.id, ev.sid, ev.slot, ev.pat, ev.acct, ev.fee, ev.pay, ev.rsn or "cancelled",
         at, eid, bool(ev.late),
     )
+    reason = ev.rsn or "cancelled"
+    await refund_for_booking(conn, ev.id, ev.pay, ev.fee, cause_of_cancel(reason), reason)
 
 
 async def record_refund_due(conn: Any, ev: RefundDue, eid: str) -> None:
@@ -108,6 +115,8 @@ async def record_refund_due(conn: Any, ev: RefundDue, eid: str) -> None:
         "INSERT INTO refunds (booking_id, reason, stream_id) VALUES ($1,$2,$3)"
         " ON CONFLICT (booking_id) DO NOTHING", ev.id, ev.rsn or "expired", eid,
     )
+    await refund_for_booking(conn, ev.id, ev.pay, ev.fee, ev.rsn or "expired",
+                             ev.rsn or "expired")
 
 
 async def record_event(conn: Any, ev: OutboxEvent, eid: str) -> None:

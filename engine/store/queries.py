@@ -524,7 +524,8 @@ async def count_bound(db: Queryable, account_id: str) -> int:
 # --------------------------------------------------------------------------- bookings
 
 BookingStatus = Literal["booked", "cancelled", "refund_due", "conflict"]
-HisStatus = Literal["pending", "accepted", "rejected", "unknown", "cancel_pending", "cancelled"]
+HisStatus = Literal["pending", "accepted", "rejected", "unknown", "cancel_pending", "cancelled",
+                    "lookup_cancelled", "cancel_refused"]
 
 
 class BookingRow(msgspec.Struct, frozen=True):
@@ -545,6 +546,10 @@ class BookingRow(msgspec.Struct, frozen=True):
     his_attempts: int
     his_updated_at: dt.datetime | None
     stream_id: str | None
+    his_reason: str | None = None
+    his_visit_start: dt.datetime | None = None
+    his_visit_end: dt.datetime | None = None
+    his_place: str | None = None
 
 
 _BOOKING_COLS = ", ".join(BookingRow.__struct_fields__)
