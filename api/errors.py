@@ -30,7 +30,7 @@ from api.hardening import BodyTimeout
 from api.problems import FieldError, ProblemError, problem, retry_after
 from engine.scripts import ScriptError
 
-__all__ = ["error_response", "on_error", "on_http", "on_problem"]
+__all__ = ["error_response", "is_unavailable", "on_error", "on_http", "on_problem"]
 
 log = structlog.get_logger("haoyuan.api")
 
@@ -95,6 +95,12 @@ def _opt(v: Any) -> str | None:
     return None if v is None else str(v)[:100]
 
 
+def is_unavailable(exc: BaseException) -> bool:
+    """Redis or PostgreSQL unreachable, timing out, loading or failing over."""
+    return isinstance(exc, _UNAVAILABLE) or (isinstance(exc, RedisError)
+                                             and str(exc).startswith(_BUSY))
+
+
 def error_response(exc: Exception, path: str) -> Response[Any]:
     """The problem for an exception raised while deciding (not an HTTP error)."""
     if isinstance(exc, ProblemError):
@@ -109,8 +115,7 @@ def error_response(exc: Exception, path: str) -> Response[Any]:
         return problem("invalid-input", "a value is out of range or malformed", instance=path)
     if isinstance(exc, ScriptError):
         return problem("invalid-input", str(exc)[:200], instance=path)
-    if isinstance(exc, _UNAVAILABLE) or (isinstance(exc, RedisError)
-                                         and str(exc).startswith(_BUSY)):
+    if is_unavailable(exc):
         log.warning("backing_service_unavailable", error=type(exc).__name__, route=path)
         ms, headers = retry_after(1000)
         return problem("unavailable", "a backing service is unavailable; retry later",

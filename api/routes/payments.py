@@ -12,8 +12,9 @@ confirms it (``engine.payments.intake``): a repeated notification is counted
 and answered the same; one for a hold we do not know, of the wrong amount,
 or for a hold already paid is refunded. A refund result (``REFUND.*``) ends
 or fails its refund order. The answer is 204 once the outcome is committed;
-500 ``{"code": "FAIL"}`` when it could not be (PostgreSQL or Redis down, a
-partition recovering): WeChat Pay then notifies again (15 s ... 24 h).
+503 ``{"code": "FAIL"}`` when it could not be yet (PostgreSQL or Redis down or
+failing over, the worker shedding, a partition recovering) and 500 on a bug:
+WeChat Pay notifies again after any non-2xx (15 s ... 24 h).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from litestar import Controller, Request, Response, post
 
 from api.context import api_of
 from api.docs import errors
+from api.errors import is_unavailable
 from api.problems import json_response, problem
 from engine.payments.base import InvalidNotification, RefundNotice, order_no
 from engine.payments.intake import Incoming, take_payment
@@ -66,7 +68,7 @@ class PaymentController(Controller):
     async def wechat_notify(self, request: Request[Any, Any, Any]) -> Response[None]:
         """Signed by WeChat Pay (``Wechatpay-Signature`` over timestamp, nonce and
         the raw body); 204 once recorded, 401 ``FAIL`` if it does not verify,
-        500 ``FAIL`` to be notified again later."""
+        503 ``FAIL`` to be notified again later."""
         api = api_of(request)
         path: str = request.scope["path"]
         if api.wxpay is None:
@@ -95,7 +97,7 @@ class PaymentController(Controller):
             hold = notice.hold_id if order_no(notice.hold_id) == notice.out_trade_no else ""
             if not api.admission.enter():
                 api.metrics.decision("wxpay_notify", "shed")
-                return _fail(500, "繁忙，请稍后重试")
+                return _fail(503, "繁忙，请稍后重试")
             try:
                 taken = await take_payment(api.engine, api.pool, Incoming(
                     provider=notice.provider, transaction_id=notice.transaction_id,
@@ -105,12 +107,18 @@ class PaymentController(Controller):
             finally:
                 api.admission.leave()
         except Exception as exc:
-            api.metrics.decision("wxpay_notify", "error")
-            log.error("wechat_notification_failed", error=type(exc).__name__)
+            # WeChat Pay notifies again after any non-2xx: a backing service
+            # that is down (a failover) is 503, anything else a bug (500).
+            down = is_unavailable(exc)
+            api.metrics.decision("wxpay_notify", "unavailable" if down else "error")
+            if down:
+                log.warning("wechat_notification_deferred", error=type(exc).__name__)
+                return _fail(503, "系统繁忙，请稍后重试")
+            log.error("wechat_notification_failed", error=type(exc).__name__, exc_info=exc)
             return _fail(500, "系统繁忙，请稍后重试")
         api.metrics.decision("wxpay_notify", taken.reason or taken.kind)
         log.info("wechat_payment", transaction_id=notice.transaction_id, hold_id=hold,
                  outcome=taken.kind, reason=taken.reason, repeated=taken.repeated)
         if taken.kind == "pending":
-            return _fail(500, "订单处理中，请稍后重试")
+            return _fail(503, "订单处理中，请稍后重试")
         return Response(content=None, status_code=204)
