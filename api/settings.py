@@ -51,11 +51,11 @@ from engine.config import (
     parse_env,
 )
 from engine.payments.wechat import WechatPayConfig
-from engine.pii import Crypto, CryptoConfigError
+from engine.pii import DEV_WARNING, Crypto, CryptoConfigError
 from engine.pii import dev_crypto as _dev_crypto
 from engine.secret_strength import DEV_SECRETS, secret_problem
 
-__all__ = ["Settings", "SettingsError", "dev_crypto"]
+__all__ = ["DEV_WARNING", "Settings", "SettingsError", "dev_crypto"]
 
 #: Secrets a production instance must be given (text; the data keys apart).
 _SECRETS = ("admin_token", "payment_secret", "token_secret", "ops_token")
@@ -64,8 +64,6 @@ _HOW = ("Generate a secret with: python -c 'import secrets; print(secrets.token_
         " python -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())'."
         " For a development instance (development secrets, dev-<openid> logins) set"
         " HAOYUAN_ENV=development.")
-DEV_WARNING = ("development mode: development secrets, development data keys and dev-<openid>"
-               " logins are enabled; never run it with real patients or payments")
 
 
 class SettingsError(ConfigError):

@@ -615,6 +615,8 @@ def _conn(p: argparse.ArgumentParser, *, pg: bool = True, his: bool = False,
 
 SyncOrAsync = Callable[[argparse.Namespace], Any]
 COMMANDS: dict[str, SyncOrAsync] = {}
+#: The long-running workers (the API and serve log their own start).
+WORKERS = frozenset({"writer", "forwarder", "refunds", "sweeper", "scheduler", "publish"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -874,6 +876,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     a = build_parser().parse_args(argv)
     fn = COMMANDS[a.cmd]
+    if a.cmd in WORKERS:
+        from engine.pii import DEV_WARNING, is_development
+
+        # Every worker, every start: a development instance never runs silently.
+        if is_development():
+            logging.getLogger("haoyuan.cli").warning("haoyuan %s: %s", a.cmd, DEV_WARNING)
+        else:
+            logging.getLogger("haoyuan.cli").info("haoyuan %s: starting (production)", a.cmd)
     if not asyncio.iscoroutinefunction(fn):
         return int(fn(a))
     try:

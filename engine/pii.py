@@ -424,6 +424,11 @@ def dev_crypto() -> Crypto:
     return Crypto({"dev": data}, "dev", mac, dev=True)
 
 
+#: What a development instance says in every start-up log and in /readyz.
+DEV_WARNING = ("development mode: development secrets, development data keys and dev-<openid>"
+               " logins are enabled; never run it with real patients or payments")
+
+
 def is_development(environ: Mapping[str, str] | None = None) -> bool:
     """``HAOYUAN_ENV`` is ``development`` (or ``dev``): production unless so."""
     env = os.environ if environ is None else environ

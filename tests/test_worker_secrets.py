@@ -51,3 +51,14 @@ def test_money_workers_need_wechat_pay_and_strong_keys() -> None:
         assert got.returncode == 2 and "HAOYUAN_WXPAY" in got.stderr, got.stderr
     got = run(["refunds", "--burst"], HAOYUAN_WXPAY_MCHID="1900000109")
     assert got.returncode == 2 and "HAOYUAN_WXPAY_APPID is not set" in got.stderr
+
+
+@pytest.mark.parametrize("worker", ["writer", "forwarder", "refunds"])
+def test_a_development_worker_says_so_at_every_start(worker: str) -> None:
+    """Issue 10: a development instance says so in every start-up log, the
+    workers' as well as the API's; a production one says it is production."""
+    dev = run([worker, "--burst"], HAOYUAN_ENV="development")
+    assert f"haoyuan {worker}: development mode" in dev.stderr, dev.stderr
+    prod = run([worker, "--burst"])
+    assert "development mode" not in prod.stderr
+    assert f"haoyuan {worker}: starting (production)" in prod.stderr, prod.stderr

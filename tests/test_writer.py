@@ -235,6 +235,48 @@ async def test_redis_kill9_during_confirmations_loses_no_acknowledged_booking(
         redis.cleanup()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_restart_that_lost_nothing_needs_no_rebuild(fresh_pg_dsn: str) -> None:
+    """Issue 9: after kill -9 of a Redis on AOF always (nothing lost), the
+    system can tell that no rebuild is needed: the audit says
+    rebuild_needed False with no recovery entry, the writer closes nothing,
+    and sales go on without one."""
+    from engine.audit import run_audit
+    from engine.store.queries import StoredSession, upsert_schedule
+
+    await migrate(fresh_pg_dsn)
+    redis = RedisServer(appendonly=True, appendfsync="always")
+    redis.start()
+    pool = await asyncpg.create_pool(fresh_pg_dsn, min_size=1, max_size=2)
+    try:
+        spec = make_spec("S1", caps=(5,))
+        async with pool.acquire() as conn:
+            await upsert_schedule(conn, [StoredSession.from_spec(spec)])
+        async with Engine.connect(redis.url, config()) as eng:
+            await eng.load_session(spec)
+            ids = await book_many(eng, "S1", 3)
+            await eng.cancel(ids[0])
+            await drain(eng, pool)
+        await asyncio.to_thread(redis.kill)
+        await asyncio.to_thread(redis.restart)
+        async with Engine.connect(redis.url, config()) as eng:
+            audit = await run_audit(eng, pool)
+            assert audit.ok and audit.rebuild_needed is False, audit.breaches
+            assert not audit.recovery
+            await drain(eng, pool)  # the writer finds nothing lost: nothing closes
+            h = await eng.hold("S1", "0800", patient="after", account="a-after")
+            assert isinstance(h, Held)
+            assert isinstance(await eng.confirm(h.hold_id, "pay"), Booked)
+            await drain(eng, pool)
+            assert (await run_audit(eng, pool)).ok
+            booked = await pool.fetchval("SELECT count(*) FROM bookings WHERE status='booked'")
+            assert booked == 3
+    finally:
+        await pool.close()
+        redis.cleanup()
+
+
 async def test_every_event_the_scripts_write_decodes(eng: Engine) -> None:
     """The writer's event types against what the Lua scripts really write:
     every kind is produced by the scripts (book, cancel, a late payment
