@@ -71,15 +71,17 @@ async def run_audit(
     reports: list[SessionReport] = []
     all_breaches: list[str] = []
     pg_booked: dict[str, set[str]] = {}
+    pg_unit: dict[str, int] = {}
     his_state: dict[str, str] = {}
     if pool is not None:
         rows = await pool.fetch(
-            "SELECT id, session_id, status, his_status FROM bookings WHERE session_id = ANY($1)",
-            sids,
+            "SELECT id, session_id, status, unit, his_status FROM bookings"
+            " WHERE session_id = ANY($1)", sids,
         )
         for r in rows:
             if r["status"] == "booked":
                 pg_booked.setdefault(r["session_id"], set()).add(r["id"])
+                pg_unit[r["id"]] = r["unit"]
             his_state[r["id"]] = r["his_status"]
     his_booked: dict[str, bool] = {}
     if his is not None and pool is not None:
@@ -114,6 +116,12 @@ async def run_audit(
                     breaches.append(f"booking {b} is in Redis but not booked in PostgreSQL")
                 for b in sorted(pg_ids - redis_ids):
                     breaches.append(f"booking {b} is booked in PostgreSQL but not in Redis")
+                # One booking, two queue numbers (a lost write, then the hold
+                # confirmed again on another unit): the HIS has PostgreSQL's.
+                for b in sorted(pg_ids & redis_ids):
+                    if a.booked_units[b] != pg_unit.get(b):
+                        breaches.append(f"booking {b} is on unit {a.booked_units[b]} in Redis"
+                                        f" but {pg_unit.get(b)} in PostgreSQL")
             if his is not None:
                 booked_his = sum(1 for b in pg_ids if his_booked.get(b))
                 for b in sorted(pg_ids):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -601,6 +601,17 @@ class Engine:
         if d.ended:
             return Restore.kept(d.ended)
         return Restore.RESTORED if d.restored else Restore.ALREADY
+
+    async def restore_stored(self, row: Mapping[str, Any]) -> Restore | Refused:
+        """``restore_booking`` of a ``bookings`` row of PostgreSQL (id,
+        session_id, slot_id, unit, patient_ref, account_id, fee_cents,
+        payment_ref, booked_at)."""
+        booked_at = row["booked_at"]
+        return await self.restore_booking(
+            booking_id=row["id"], session_id=row["session_id"], slot_id=row["slot_id"],
+            unit=row["unit"], patient=row["patient_ref"], account=row["account_id"],
+            fee=row["fee_cents"] or 0, payment_ref=row["payment_ref"] or "",
+            booked_at_ms=int(booked_at.timestamp() * 1000) if booked_at else 0)
 
     async def raise_sequence(self, record_id: str) -> bool:
         """Keep new ids of the record's partition above ``record_id`` (a hold

@@ -131,8 +131,8 @@ async def rebuild_session(engine: Engine, pool: Any, session_id: str) -> Rebuild
         if spec is None:
             return RebuildReport(session_id, 0, 0, ["session not in PostgreSQL"])
         rows = await conn.fetch(
-            "SELECT id, slot_id, unit, patient_ref, account_id, fee_cents, payment_ref,"
-            " booked_at FROM bookings WHERE session_id = $1 AND status = 'booked'"
+            "SELECT id, session_id, slot_id, unit, patient_ref, account_id, fee_cents,"
+            " payment_ref, booked_at FROM bookings WHERE session_id = $1 AND status = 'booked'"
             " ORDER BY unit", session_id)
         status = await conn.fetchval("SELECT status FROM sessions WHERE id = $1", session_id)
         every_id = [r["id"] for r in await conn.fetch(
@@ -149,10 +149,7 @@ async def rebuild_session(engine: Engine, pool: Any, session_id: str) -> Rebuild
     failed: list[str] = []
     kept: list[str] = []
     for r in rows:
-        res = await engine.restore_booking(
-            booking_id=r["id"], session_id=session_id, slot_id=r["slot_id"], unit=r["unit"],
-            patient=r["patient_ref"], account=r["account_id"], fee=r["fee_cents"],
-            payment_ref=r["payment_ref"] or "", booked_at_ms=_ms(r["booked_at"]))
+        res = await engine.restore_stored(r)
         if isinstance(res, Refused):
             failed.append(f"{r['id']}: {res.reason.value} {res.what or ''}".strip())
         elif res is Restore.RESTORED:

@@ -472,9 +472,4 @@ class OutboxWriter:
                 winner,
             )
         if row is not None:
-            await self.engine.restore_booking(
-                booking_id=row["id"], session_id=row["session_id"], slot_id=row["slot_id"],
-                unit=row["unit"], patient=row["patient_ref"], account=row["account_id"],
-                fee=row["fee_cents"], payment_ref=row["payment_ref"] or "",
-                booked_at_ms=int(row["booked_at"].timestamp() * 1000),
-            )
+            await self.engine.restore_stored(row)

@@ -90,6 +90,20 @@ async def test_audit_finds_redis_postgres_disagreement(fresh_redis: Any, redis_u
         assert any(ids[0] in b for b in report.breaches)
 
 
+async def test_audit_finds_one_booking_on_two_units(fresh_redis: Any, redis_url: str,
+                                                    db: asyncpg.Pool) -> None:
+    """The same booking id on another queue number in Redis than in
+    PostgreSQL (what a lost confirmation confirmed again would leave) is a
+    breach, though both have the id booked."""
+    async with Engine.connect(redis_url, config()) as eng:
+        ids = await setup_bookings(eng, db)
+        assert (await run_audit(eng, db)).ok
+        await db.execute("UPDATE bookings SET unit = unit + 10 WHERE id=$1", ids[0])
+        report = await run_audit(eng, db)
+        assert not report.ok
+        assert any(ids[0] in b and "on unit" in b for b in report.breaches), report.breaches
+
+
 async def test_audit_command_json_and_exit_code(fresh_redis: Any, redis_url: str,
                                                db: asyncpg.Pool, fresh_pg_dsn: str) -> None:
     async with Engine.connect(redis_url, config()) as eng:

@@ -119,6 +119,22 @@ async def take_payment(
                                    "payment-reused")
         return Taken(kind="same_money", reason="payment-reused", refund_due=True, fee=fee,
                      repeated=not new)
+    if not new:
+        # A notification again (its first answer was a FAIL): the first may
+        # have booked before a failover lost the confirmation in Redis. What
+        # PostgreSQL recorded booked stays this payment's booking, on its
+        # unit (Redis is put back to it), never a second unit for one hold.
+        stored = await db.fetchrow(
+            "SELECT id, session_id, slot_id, unit, patient_ref, account_id, fee_cents,"
+            " payment_ref, booked_at FROM bookings WHERE id = $1 AND status = 'booked'"
+            " AND payment_ref = $2", p.hold_id, p.payment_ref)
+        if stored is not None:
+            await engine.restore_stored(stored)
+            await store.settle_payment(db, p.provider, p.transaction_id, "booked")
+            return Taken(kind="booked", fee=fee, repeated=True, booked=Booked(
+                booking_id=stored["id"], session_id=stored["session_id"],
+                slot_id=stored["slot_id"], unit=stored["unit"],
+                server_ms=await engine.server_time_ms(), replay=True))
     out = await engine.confirm(p.hold_id, p.payment_ref)
     if isinstance(out, Booked):
         await store.settle_payment(db, p.provider, p.transaction_id, "booked")
