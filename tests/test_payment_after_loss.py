@@ -20,7 +20,6 @@ import asyncpg
 import pytest
 
 from engine import Booked, Engine, Held
-from engine.audit import run_audit
 from engine.payments.intake import Incoming, take_payment
 from engine.schedule_import import import_sessions
 from engine.testing.servers import RedisServer
