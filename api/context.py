@@ -28,6 +28,7 @@ from api.hardening import BodyDeadlines
 from api.hotpath import Admission, MicroCache, ReleaseTimes, ServerClock, SoldOut
 from api.metrics import Metrics
 from api.settings import DEV_WARNING, Settings, SettingsError
+from api.waiting import WaitingRoom
 from engine.engine import Engine
 from engine.forwarder import his_lag
 from engine.identity import RealNameVerifier
@@ -112,6 +113,9 @@ class Api:
         #: WeChat Pay (verifies and decrypts notifications); None: not configured.
         self.wxpay: WechatPay | None = WechatPay(s.wxpay) if s.wxpay is not None else None
         self.engine: Engine = Engine.connect(s.redis_url, s.engine_config())
+        self.waiting = WaitingRoom(self.engine, s.token_secret, rate_per_s=s.waiting_room_rate,
+                                   window_s=s.waiting_room_window_s,
+                                   refresh_ms=s.waiting_room_refresh_ms)
         self._pool: asyncpg.Pool | None = None
         self._ops: MicroCache[str, OpsStatus] = MicroCache(int(s.ops_cache_s * 1000))
         #: Partitions PostgreSQL knows, and session -> partition, for telling
@@ -151,6 +155,8 @@ class Api:
         self._tasks.append(asyncio.create_task(self.body_deadlines.watch(self._stop)))
         if s.max_loop_lag_ms > 0:
             self._tasks.append(asyncio.create_task(self.admission.watch_loop(self._stop)))
+        if self.waiting.enabled:
+            self._tasks.append(asyncio.create_task(self.waiting.watch(self._stop)))
 
     async def stop(self) -> None:
         self._stop.set()

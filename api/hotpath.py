@@ -174,11 +174,18 @@ class Admission:
         self.shed_lag = 0
         self.lag_ms = 0.0
 
-    def enter(self) -> bool:
+    def lagging(self) -> bool:
+        """The event loop runs later than ``max_lag_ms``: new work waits in line."""
+        return self.max_lag_ms > 0 and self.lag_ms > self.max_lag_ms
+
+    def enter(self, *, priority: bool = False) -> bool:
+        """Count one engine call in, or refuse it (shed). ``priority`` (a
+        waiting-room ticket whose turn came) skips the loop-lag shedding; the
+        in-flight bound holds for everyone."""
         if self.inflight >= self.limit:
             self.shed += 1
             return False
-        if self.max_lag_ms > 0 and self.lag_ms > self.max_lag_ms:
+        if not priority and self.lagging():
             self.shed += 1
             self.shed_lag += 1
             return False

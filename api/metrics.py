@@ -11,7 +11,12 @@ the in-flight and inventory gauges are per worker. Without the directory (an
 app built in process, as the tests do) each worker keeps its own registry.
 
 - ``haoyuan_decisions_total{op, outcome}``: engine decisions (and local
-  answers: ``outcome`` ``sold-out-cached``, ``not-open-cached``, ``shed``).
+  answers: ``outcome`` ``sold-out-cached``, ``not-open-cached``, ``shed``;
+  for holds not decided now, ``shed-age`` (waited past max_request_age_ms),
+  ``queued`` (behind the waiting room's line), ``waiting`` (came back early
+  with a ticket)).
+- ``haoyuan_waiting_room_waiting``: places in the waiting room's line not
+  admitted yet.
 - ``haoyuan_http_request_duration_seconds{route, method, status}``.
 - ``haoyuan_engine_call_duration_seconds{op}``.
 - ``haoyuan_inventory_free_units{session}`` / ``..._capacity_units``: from
@@ -90,6 +95,8 @@ class Metrics:
                                    ["state"], registry=r, multiprocess_mode="max")
         self.refund_age = lag("haoyuan_refund_oldest_open_age_seconds",
                               "Age of the oldest refund order not done")
+        self.waiting_line = lag("haoyuan_waiting_room_waiting",
+                                "Places in the waiting room's line not admitted yet")
         self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
 
     def decision(self, op: str, outcome: str) -> None:

@@ -114,6 +114,7 @@ KINDS: dict[str, Kind] = {
         _k(422, "invalid-phone", "Invalid phone number"),
         _k(422, "amount-mismatch", "The paid amount differs from the fee"),
         _k(429, "overloaded", "Too busy; retry shortly"),
+        _k(429, "waiting-room", "You are in the waiting room: come back with your ticket"),
         _k(403, "patient-unverified", "The patient's real-name binding is not verified"),
         _k(403, "not-revocable",
            "Only a binding verified as the patient may revoke another verified binding"),
@@ -151,6 +152,11 @@ class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
     deadline_ms: int | None = None
     until_ms: int | None = None
     refund_due: bool | None = None
+    #: The waiting room (api.waiting): the ticket to send back in
+    #: X-Waiting-Ticket, the place in the line and how many are ahead.
+    ticket: str | None = None
+    position: int | None = None
+    ahead: int | None = None
     errors: list[FieldError] | None = None
 
 

@@ -142,6 +142,16 @@ class Settings:
     not_open_margin_ms: int = 250
     #: Serve well-formed POST /v1/holds in front of Litestar (api.fastpath).
     fast_path: bool = True
+    #: A hold older than this (ms since this worker received it) is answered
+    #: at once (a waiting-room ticket, or 429) instead of being decided late.
+    max_request_age_ms: int = 500
+    #: The waiting room (api.waiting): positions of the line admitted per
+    #: second across the deployment (size it from the measured holds/s; 0 =
+    #: off, shed holds get a plain 429), how long an admitted ticket is
+    #: honoured (s), and how often a worker reads the line (ms).
+    waiting_room_rate: float = 2000.0
+    waiting_room_window_s: float = 30.0
+    waiting_room_refresh_ms: int = 200
 
     # -- identities: verified patients, staff, revocable tokens, per-client limits
     #: Accounts that may bind one national ID number (verified bindings
@@ -256,6 +266,10 @@ class Settings:
             raise SettingsError("max_inflight, max_patients and token_ttl_s must be positive")
         if self.body_timeout_s <= 0:
             raise SettingsError("body_timeout_s must be positive")
+        if (self.waiting_room_rate < 0 or self.waiting_room_window_s <= 0
+                or self.waiting_room_refresh_ms < 1 or self.max_request_age_ms < 1):
+            raise SettingsError("waiting_room_rate must be >= 0; waiting_room_window_s,"
+                                " waiting_room_refresh_ms and max_request_age_ms positive")
         if self.development:
             for name in _SECRETS:
                 if not getattr(self, name) and name != "ops_token":

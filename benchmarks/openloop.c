@@ -94,6 +94,7 @@ static int base_sec, nsec;
 static long long *r_offered, *r_sent, *r_unsent, *r_timeouts, *r_errors, *r_answered_at,
     *r_ok_at, *r_ans; /* r_ans[sec * MAX_KEYS + key] by intended second */
 static long long offered, sent, unsent, answered, timeouts, timeouts_connecting, errors_total;
+static long long answered_1s; /* answered within 1 s of the intended send time */
 static long long errs[E_COUNT], key_tot[MAX_KEYS];
 static long long hist[EXPS * SUB]; static double lat_sum; static int64_t lat_max;
 static long long late_1ms, late_10ms, late_100ms; static int64_t late_max_ns;
@@ -283,6 +284,7 @@ static void finish(conn *c, int status, int close_after, size_t boff, size_t ble
         last_ok_ns = now;
     }
     int64_t lat = now - c->intended_ns;
+    if (lat <= 1000000000LL) answered_1s++;
     if (lat > lat_max) lat_max = lat;
     lat_sum += (double)lat / 1e6;
     hist_add(lat / 1000);
@@ -565,6 +567,7 @@ int main(int argc, char **argv) {
                "\"timeouts\":%lld,\"timeouts_while_connecting\":%lld,\"in_flight_at_stop\":%lld,"
                "\"errors\":%lld,",
             offered, sent, unsent, answered, timeouts, timeouts_connecting, in_flight, errors_total);
+    fprintf(o, "\"answered_within_1s\":%lld,", answered_1s);
     fprintf(o, "\"errors_by_kind\":{");
     for (int i = 0; i < E_COUNT; i++) fprintf(o, "%s\"%s\":%lld", i ? "," : "", E_NAMES[i], errs[i]);
     fprintf(o, "},\"answers\":{");

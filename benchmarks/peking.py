@@ -691,9 +691,22 @@ async def _open_morning_run(exe: Path, port: int, tmp: Path, rows: Path, eng: En
                  "answered_at": r["answered_at"], "ok_at": r["ok_at"],
                  "timeouts": r["timeouts"], "errors": r["errors"],
                  "answered_by_intended_second": r["answered"]} for r in rows_]
+    # Fairness: 201s by the second they were sent in, relative to the release
+    # instant (a request sent before it must never win a unit).
+    wins_by_send_second = {r["t"]: int(r["answered"].get("201", 0)) for r in rows_
+                           if r["answered"].get("201")}
+    shed = sum(v for k, v in answers.items()
+               if k in ("429:overloaded", "429:waiting-room") or k.startswith("503"))
     return {
         "release_at_ms": release_at_ms,
         "templates": kinds,
+        "shed": shed,
+        "waiting_room_tickets": answers.get("429:waiting-room", 0),
+        "answered_within_1s": res.get("answered_within_1s"),
+        "answered_within_1s_share": round(res["answered_within_1s"] / max(1, res["answered"]), 4)
+        if "answered_within_1s" in res else None,
+        "wins_before_release": sum(v for t, v in wins_by_send_second.items() if t < 0),
+        "wins_by_send_second": dict(sorted(wins_by_send_second.items())),
         "offered": offered,
         "sent": res["sent"],
         "unsent_at_connection_cap": res["unsent"],
@@ -804,6 +817,15 @@ async def _run_peking_open(quick: bool, *, max_conns: int | None, workers: int) 
             "mix": MIX,
             "noisy": run["noisy"],
             "background_busy_pct_before": background,
+            # the figures issue 15 names (whole run, this run's schedule)
+            "offered": run["offered"],
+            "answered": run["answered"],
+            "unsent": run["unsent_at_connection_cap"],
+            "shed": run["shed"],
+            "answered_within_1s_share": run["answered_within_1s_share"],
+            "wins_before_release": run["wins_before_release"],
+            "wins_by_send_second": run["wins_by_send_second"],
+            "waiting_room_tickets": run["waiting_room_tickets"],
             "offered_first_minute": run["offered_first_minute"],
             "peak_offered_per_s": run["peak_offered_per_s"],
             "answered_first_minute": run["answered_first_minute"],

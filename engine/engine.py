@@ -52,7 +52,7 @@ from engine.outcomes import (
     Waitlisted,
     decode_record,
 )
-from engine.replies import HoldReply, Reply
+from engine.replies import HoldReply, LineReply, Reply
 from engine.scripts import AnyRedis, ScriptError, ScriptRunner
 
 __all__ = ["Engine", "EngineConfig", "ScriptError", "SessionRef"]
@@ -320,6 +320,7 @@ class Engine:
         account: str,
         idempotency_key: str | None = None,
         channel: str = "app",
+        arrived_ms: int = 0,
     ) -> Held | Refused:
         """Hold the lowest free unit of a slot for a patient.
 
@@ -327,6 +328,9 @@ class Engine:
         raw number); ``account`` the logged-in account; ``channel`` picks the
         pools (号源池) it may draw from. Without an idempotency key one is made
         up, so that a retry inside the client cannot hold twice.
+        ``arrived_ms`` (Redis time, 0 = now) is when the caller received the
+        request: one that arrived before the release instant is "not open",
+        however late it is decided (a fair start).
         """
         if not patient or not account or "|" in patient or "|" in account:
             raise ScriptError("patient and account are required (no '|')")
@@ -354,7 +358,8 @@ class Engine:
              _gcra(c.account_rate_per_s), c.account_burst,
              _gcra(c.patient_rate_per_s), c.patient_burst,
              c.idempotency_ttl_ms, c.reclaim_per_hold, self._off,
-             "0" if idempotency_key is None else "1", _rnd(), f"{account}:{rq}"],
+             "0" if idempotency_key is None else "1", _rnd(), f"{account}:{rq}",
+             int(arrived_ms)],
         )
         await self._settle(d)
         if not d.ok:
@@ -442,6 +447,24 @@ class Engine:
         wait = await self.runner.call(R.LIMIT_ATTEMPTS, [K.limiter(kind, client)],
                                       ["take" if take else "peek", interval_ms, burst])
         return int(wait)
+
+    async def take_place(self, account: str, *, rate_per_s: float, window_ms: int
+                         ) -> LineReply:
+        """A place in the waiting room's line for ``account`` (its existing
+        one while that is waiting or admitted within ``window_ms``); the line
+        is served at ``rate_per_s`` positions a second (``lua/takeTicket-2``)."""
+        if not account or "|" in account:
+            raise ScriptError("account is required (no '|')")
+        got: LineReply = await self.runner.call(
+            R.TAKE_TICKET, [K.WAITING_LINE, K.WAITING_PLACES],
+            [account, repr(float(rate_per_s)), int(window_ms), self._off])
+        return got
+
+    async def read_line(self, *, rate_per_s: float) -> LineReply:
+        """The waiting room's line now: served and issued positions (read only)."""
+        got: LineReply = await self.runner.call(R.READ_LINE, [K.WAITING_LINE],
+                                                [repr(float(rate_per_s))])
+        return got
 
     async def _reserve_patient(self, patient: str, rq: str, limit: int) -> Refused | bool:
         """The hospital-wide step on the patient's partition (bans, active limit):

@@ -118,6 +118,11 @@ def limiter(kind: str, client: str) -> str:
     return f"{PREFIX}:lim:{kind}:{client}"
 
 
+#: The waiting room's line (``takeTicket``, ``readLine``): one hash tag, one slot.
+WAITING_LINE = f"{PREFIX}:{{wr}}:line"
+WAITING_PLACES = f"{PREFIX}:{{wr}}:acct"
+
+
 def partition_of_patient(patient: str) -> int:
     """Where a patient's hospital-wide state lives (active count, ban)."""
     return zlib.crc32(f"patient|{patient}".encode()) % PARTITIONS

@@ -30,6 +30,7 @@ __all__ = [
     "ExpireReply",
     "HoldReply",
     "LeaveReply",
+    "LineReply",
     "LoadReply",
     "PatientReply",
     "ReleaseReply",
@@ -185,6 +186,20 @@ class AvailabilityReply(msgspec.Struct, forbid_unknown_fields=True):
     sessions: list[SessionAvail]
 
 
+class LineReply(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The waiting room's line at ``now``: positions ``issued`` so far and
+    admitted up to ``served``; ``takeTicket`` adds the caller's ``pos``, when
+    its turn comes (``due``) and whether it is ``new``."""
+
+    served: float
+    issued: int
+    now: int
+    pos: int = 0
+    #: When the caller's turn comes (ms, Redis time).
+    due: int = 0
+    new: int = 0
+
+
 R = TypeVar("R")
 
 
@@ -230,6 +245,8 @@ READ_ACCESS = Call("readAccess", _raw)
 REVOKE_TOKENS = Call("revokeTokens", _raw)
 LIMIT_ATTEMPTS = Call("limitAttempts", _raw)
 RAISE_SEQUENCE = Call("raiseSequence", _raw)
+TAKE_TICKET = Call("takeTicket", _json(LineReply))
+READ_LINE = Call("readLine", _json(LineReply))
 
 #: Every script the engine calls (the contract test checks it against lua/).
 CALLS: tuple[Call[Any], ...] = (
@@ -237,4 +254,5 @@ CALLS: tuple[Call[Any], ...] = (
     CONFIRM_HOLD, RELEASE_HOLD, CANCEL_BOOKING, RESTORE_BOOKING, EXPIRE_HOLDS, JOIN_WAITLIST,
     LEAVE_WAITLIST, RESERVE_PATIENT, SETTLE_PATIENT, GET_AVAILABILITY, READ_SESSION,
     READ_BINDING, WRITE_BINDING, READ_ACCESS, REVOKE_TOKENS, LIMIT_ATTEMPTS, RAISE_SEQUENCE,
+    TAKE_TICKET, READ_LINE,
 )

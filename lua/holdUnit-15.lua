@@ -25,6 +25,10 @@
              client sent its own key), 0 = remember only a hold
     ARGV[14] random number in [0, 1) (anti-scalper delay of reclaimed units)
     ARGV[15] request id (kept on the record: the patient-wide reservation)
+    ARGV[16] arrival ms: when the caller received the request, in its
+             estimate of this server's time (0 = now). A request that arrived
+             before the release instant is NOT_OPEN however late it is
+             decided: pressing early gains nothing. (Clamped to now.)
   Output: JSON {o = OK, id, sid, slot, unit, dl, now} or a refusal
           {o = code, now, ...}; a replay carries rp = 1. RECOVERING (the
           partition's marker is gone), RATE_LIMITED and NOT_OPEN say "come
@@ -45,6 +49,7 @@ local a_int, a_burst = int_arg(ARGV[6]), int_arg(ARGV[7])
 local p_int, p_burst = int_arg(ARGV[8]), int_arg(ARGV[9])
 local idem_ttl, reclaim_limit = int_arg(ARGV[10]), int_arg(ARGV[11])
 local rnd = tonumber(ARGV[14])
+local arrived = int_arg(ARGV[16] or '0')
 if not sid or sid == '' or not slot or slot == '' then return bad('session and slot are required') end
 if not pat or pat == '' or not acct or acct == '' or string.find(pat, '|', 1, true)
    or string.find(acct, '|', 1, true) then
@@ -54,10 +59,11 @@ if not string.match(ARGV[5] or '', '^[0-3][0-3,]*$') then return bad('pools must
 if a_int == nil or a_burst == nil or p_int == nil or p_burst == nil
    or idem_ttl == nil or reclaim_limit == nil or a_burst < 1 or p_burst < 1 or idem_ttl < 1
    or reclaim_limit < 0 or a_int < 0 or p_int < 0 or (ARGV[13] ~= '0' and ARGV[13] ~= '1')
-   or rnd == nil or rnd < 0 or rnd >= 1 then
+   or rnd == nil or rnd < 0 or rnd >= 1 or arrived == nil or arrived < 0 then
   return bad('numeric arguments are malformed')
 end
 local now = server_now(ARGV[12])
+if arrived == 0 or arrived > now then arrived = now end
 local fingerprint = sid .. '|' .. slot .. '|' .. pat
 
 -- 1. Idempotency: a retry returns the first answer and changes nothing.
@@ -96,7 +102,7 @@ if cfg.status == false then return remember({o = NOT_FOUND, now = now, what = 's
 if x[2] == false then return remember({o = NOT_FOUND, now = now, what = 'slot'}) end
 if cfg.status ~= 'open' then return remember({o = SUSPENDED, now = now}) end
 local release_ms, cutoff_ms = tonumber(x[1]), cfg.cutoff_ms
-if now < release_ms then
+if arrived < release_ms then
   return reply({o = NOT_OPEN, now = now, release_ms = release_ms})
 end
 if cutoff_ms > 0 and now >= cutoff_ms then

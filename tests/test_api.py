@@ -533,11 +533,20 @@ async def test_suspended_closed_rate_limited_and_shed(client: Client, app: Lites
     assert int(limited[0].headers["retry-after"]) >= 1 and body["retry_after_ms"] > 0
     a = api(app)
     a.admission.limit = 0
+    rate = a.waiting.rate
     try:
         h2, p2 = await account(client)
+        # Shed with the waiting room on (the default): a ticket and a place.
+        r = await hold(client, h2, open_, p2)
+        body = is_problem(r, 429, "waiting-room")
+        assert body["ticket"].startswith("wr1.") and body["position"] >= 1
+        assert int(r.headers["retry-after"]) >= 1 and body["retry_after_ms"] >= 100
+        # ... and with it off: a plain 429.
+        a.waiting.rate = 0
         r = await hold(client, h2, open_, p2)
     finally:
         a.admission.limit = a.settings.max_inflight
+        a.waiting.rate = rate
     is_problem(r, 429, "overloaded")
     assert int(r.headers["retry-after"]) >= 1
 

@@ -24,6 +24,7 @@ included) sees a revoked token at once.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Annotated, Any
 
@@ -39,6 +40,7 @@ from api.guards import account_of, account_required, bearer_of, payment_signed
 from api.paying import PaymentRefused, confirm_paid
 from api.problems import REASONS, ProblemError, json_response, problem, refused, retry_after
 from api.schemas import HOLD_ID_RE, BookingOut, HoldIn, HoldOut, HoldView, PaymentIn, ReleasedOut
+from api.waiting import Ticket
 from engine.outcomes import MESSAGES, Held, Reason, Record, RecordState, Refused
 
 log = structlog.get_logger("haoyuan.api")
@@ -47,6 +49,8 @@ _NOT_OPEN = REASONS[Reason.NOT_OPEN]
 _SOLD_OUT = REASONS[Reason.SOLD_OUT]
 _REPLAYED = {"Idempotent-Replayed": "true"}
 _BEARER = {"WWW-Authenticate": 'Bearer realm="haoyuan"'}
+#: The scope key of a hold's arrival instant (stamped by api.fastpath).
+ARRIVED = "haoyuan.arrived_ms"
 
 
 def shed(api: Api, op: str, path: str) -> Response[Any]:
@@ -100,29 +104,60 @@ async def patient_or_problem(api: Api, who: Bearer, patient_id: str, path: str, 
 
 
 async def decide_hold(
-    api: Api, who: Bearer, data: HoldIn, idempotency_key: str | None, path: str
+    api: Api, who: Bearer, data: HoldIn, idempotency_key: str | None, path: str,
+    *, arrived_ms: int | None = None, ticket: str | None = None,
 ) -> Response[Any]:
-    """The hold decision, cheapest answers first (see the module docstring)."""
+    """The hold decision, cheapest answers first (see the module docstring).
+
+    ``arrived_ms`` is when this worker received the request (its estimate
+    of Redis time): a request that arrived before the release instant is
+    "not open" however late it is decided (a fair start), and one that has
+    waited longer than ``max_request_age_ms`` is answered at once. ``ticket``
+    is the waiting-room ticket it came with (X-Waiting-Ticket)."""
     m = api.metrics
     account = who.account
     sid, slot = data.session_id, data.slot_id
+    now = api.clock.now_ms()
+    arrived = now if arrived_ms is None else min(arrived_ms, now)
     release_at = api.release_times.get(sid)
-    if release_at is not None:
-        now = api.clock.now_ms()
-        if now < release_at - api.settings.not_open_margin_ms:
-            m.decision("hold", "not-open-cached")
-            return problem(_NOT_OPEN, MESSAGES[Reason.NOT_OPEN], instance=path,
-                           server_ms=now, release_at_ms=release_at)
+    if release_at is not None and arrived < release_at - api.settings.not_open_margin_ms:
+        m.decision("hold", "not-open-cached")
+        return problem(_NOT_OPEN, MESSAGES[Reason.NOT_OPEN], instance=path,
+                       server_ms=now, release_at_ms=release_at)
     cached_sold_out = api.soldout.hit(sid, slot)
     if cached_sold_out and idempotency_key is None:
         m.decision("hold", "sold-out-cached")
         return problem(_SOLD_OUT, MESSAGES[Reason.SOLD_OUT], instance=path,
                        server_ms=api.clock.now_ms())
+    room = api.waiting
+    admitted = False
+    if room.enabled:
+        adm = room.check(account, ticket, now)
+        if adm.verdict == "waiting" and ticket is not None:
+            m.decision("hold", "waiting")
+            return waiting_answer(room.current(ticket, adm.position, adm.due_ms, now), path, now)
+        admitted = adm.verdict == "admitted"
+        if not admitted and room.active():
+            # A line has formed: this account's place in it (asked again, the
+            # same place: a client that does not send its ticket is served in
+            # its turn all the same).
+            t = await take_place(api, account)
+            if t is None:
+                return shed(api, "hold", path)
+            if not t.due:
+                m.decision("hold", "queued")
+                return waiting_answer(t, path, now)
+            admitted = True
+    max_age = api.settings.max_request_age_ms
+    if not admitted and (now - arrived > max_age or api.admission.lagging()):
+        return await queue_or_shed(api, account, path, "shed")
     patient = await patient_or_problem(api, who, data.patient_id, path, "hold")
     if not isinstance(patient, str):
         return patient
-    if not api.admission.enter():
-        return shed(api, "hold", path)
+    if not admitted and api.clock.now_ms() - arrived > max_age:
+        return await queue_or_shed(api, account, path, "shed-age")
+    if not api.admission.enter(priority=admitted):
+        return await queue_or_shed(api, account, path, "shed")
     t0 = time.perf_counter()
     try:
         if cached_sold_out and idempotency_key is not None:
@@ -132,7 +167,7 @@ async def decide_hold(
                                                     idempotency_key=idempotency_key)
         else:
             out = await api.engine.hold(sid, slot, patient=patient, account=account,
-                                        idempotency_key=idempotency_key)
+                                        idempotency_key=idempotency_key, arrived_ms=arrived)
     finally:
         api.admission.leave()
         m.engine_call("hold", time.perf_counter() - t0)
@@ -153,6 +188,35 @@ async def decide_hold(
     return refused(out, path)
 
 
+def waiting_answer(t: Ticket, path: str, now_ms: int) -> Response[Any]:
+    """429 ``waiting-room``: the ticket, the place and when to come back."""
+    return problem("waiting-room", f"you are number {t.position} in the line, "
+                   f"{t.ahead} ahead of you", instance=path,
+                   headers={"Retry-After": str(max(1, math.ceil(t.retry_after_ms / 1000)))},
+                   retry_after_ms=t.retry_after_ms, server_ms=now_ms, ticket=t.token,
+                   position=t.position, ahead=t.ahead)
+
+
+async def queue_or_shed(api: Api, account: str, path: str, why: str) -> Response[Any]:
+    """A hold that is not decided now: a place in the waiting room's line
+    (its ticket and wait), or, with the waiting room off or out of reach, 429
+    ``overloaded``."""
+    t = await take_place(api, account) if api.waiting.enabled else None
+    if t is None:
+        return shed(api, "hold", path)
+    api.metrics.decision("hold", why)
+    return waiting_answer(t, path, api.clock.now_ms())
+
+
+async def take_place(api: Api, account: str) -> Ticket | None:
+    """The account's place in the waiting room's line; None when Redis is
+    out of reach (the caller sheds plainly)."""
+    try:
+        return await api.waiting.take(account)
+    except Exception:
+        return None
+
+
 class HoldController(Controller):
     path = "/v1/holds"
     tags = ("book",)
@@ -166,6 +230,10 @@ class HoldController(Controller):
         idempotency_key: Annotated[str | None, HeaderParameter(
             name="Idempotency-Key", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]{1,64}$",
             description="Send the same key on a retry: it returns the first answer")] = None,
+        waiting_ticket: Annotated[str | None, HeaderParameter(
+            name="X-Waiting-Ticket", min_length=1, max_length=80,
+            description="The ticket of a 429 waiting-room answer: come back with it at "
+                        "retry_after_ms; an admitted ticket skips the line")] = None,
     ) -> Response[HoldOut]:
         """201 with the hold (pay before ``expires_at_ms``); 409 not-open (with
         ``release_at_ms`` and ``server_ms``), sold-out, duplicate, suspended or
@@ -174,8 +242,10 @@ class HoldController(Controller):
         real name is not verified, ``banned`` for a barred one. (Served by
         ``api.fastpath`` in front of Litestar when the request is well-formed;
         this handler is its twin and fallback.)"""
+        scope: Any = request.scope
         return await decide_hold(api_of(request), bearer_of(request), data, idempotency_key,
-                                 request.scope["path"])
+                                 scope["path"], arrived_ms=scope.get(ARRIVED),
+                                 ticket=waiting_ticket)
 
     @get("/{hold_id:str}", before_request=account_required, security=ACCOUNT,
          responses=errors(401, 404), summary="One of the account's holds")

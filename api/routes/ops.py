@@ -89,6 +89,7 @@ class OpsController(Controller):
             return _ops_unauthorized(request)
         api = api_of(request)
         await api.ops_status()
+        api.metrics.waiting_line.set(api.waiting.waiting_now())
         return Response(api.metrics.render().decode(), media_type=CONTENT_TYPE)
 
     @get("/problems/{slug:str}", responses=errors(404), summary="What a problem type means")

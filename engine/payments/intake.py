@@ -31,7 +31,7 @@ from typing import Literal
 import msgspec
 
 from engine.engine import Engine
-from engine.outcomes import Booked, Reason, Refused
+from engine.outcomes import Booked, Reason, RecordState, Refused, Restore
 from engine.store import payments as store
 from engine.store.queries import Queryable
 
@@ -119,17 +119,21 @@ async def take_payment(
                                    "payment-reused")
         return Taken(kind="same_money", reason="payment-reused", refund_due=True, fee=fee,
                      repeated=not new)
-    if not new:
-        # A notification again (its first answer was a FAIL): the first may
-        # have booked before a failover lost the confirmation in Redis. What
-        # PostgreSQL recorded booked stays this payment's booking, on its
-        # unit (Redis is put back to it), never a second unit for one hold.
+    lost = rec.state is RecordState.HELD or (rec.state is RecordState.EXPIRED
+                                             and rec.reason != "displaced")
+    if not new and lost:
+        # A notification again (its first answer was a FAIL) for a record
+        # Redis has as a hold: the first may have booked before a failover
+        # lost the confirmation. What PostgreSQL recorded booked stays this
+        # payment's booking, on its unit (Redis is put back to it), never a
+        # second unit for one hold. (A record Redis has booked, cancelled or
+        # refunded is newer than PostgreSQL: the confirm below answers it.)
         stored = await db.fetchrow(
             "SELECT id, session_id, slot_id, unit, patient_ref, account_id, fee_cents,"
             " payment_ref, booked_at FROM bookings WHERE id = $1 AND status = 'booked'"
             " AND payment_ref = $2", p.hold_id, p.payment_ref)
-        if stored is not None:
-            await engine.restore_stored(stored)
+        if stored is not None and await engine.restore_stored(stored) in (
+                Restore.RESTORED, Restore.ALREADY):
             await store.settle_payment(db, p.provider, p.transaction_id, "booked")
             return Taken(kind="booked", fee=fee, repeated=True, booked=Booked(
                 booking_id=stored["id"], session_id=stored["session_id"],
