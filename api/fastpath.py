@@ -42,6 +42,7 @@ _decode = msgspec.json.Decoder(HoldIn).decode
 def hold_fastpath(api: Api, app: ASGIApp) -> ASGIApp:
     tokens = api.tokens
     clock = api.clock
+    edge_header = api.settings.arrival_header.lower().encode("latin-1") or None
 
     async def handle(asgi_scope: Scope, receive: Receive, send: Send) -> None:
         scope = cast(dict[str, Any], asgi_scope)
@@ -49,7 +50,7 @@ def hold_fastpath(api: Api, app: ASGIApp) -> ASGIApp:
             await app(asgi_scope, receive, send)
             return
         # The arrival, before anything else (a fair start, shedding by age).
-        scope[ARRIVED] = clock.now_ms()
+        arrived = clock.now_ms()
         auth = idem = ctype = wticket = None
         for k, v in scope["headers"]:
             if k == b"authorization":
@@ -60,6 +61,11 @@ def hold_fastpath(api: Api, app: ASGIApp) -> ASGIApp:
                 ctype = v
             elif k == b"x-waiting-ticket":
                 wticket = v
+            elif k == edge_header:
+                at = edge_arrival_ms(v)
+                if at is not None:  # the proxy's wall clock, in Redis time
+                    arrived = min(arrived, int(at + clock.offset_ms))
+        scope[ARRIVED] = arrived
         messages: list[ReceiveMessage] = []
         body = b""
         try:
@@ -115,6 +121,25 @@ def hold_fastpath(api: Api, app: ASGIApp) -> ASGIApp:
         await resp.to_asgi_response(None, None)(asgi_scope, receive, send)
 
     return handle
+
+
+def edge_arrival_ms(value: bytes) -> float | None:
+    """Epoch ms of an edge proxy's arrival stamp: ``t=1700000000.123``
+    (nginx ``${msec}``), seconds with a fraction, or whole ms or us; None if
+    it is none of these."""
+    v = value.strip()
+    if v[:2] == b"t=":
+        v = v[2:]
+    if not v or len(v) > 20 or not v.replace(b".", b"", 1).isdigit():
+        return None
+    if b"." in v:
+        return float(v) * 1000
+    n = int(v)
+    if n >= 10**15:  # microseconds
+        return n / 1000
+    if n >= 10**12:  # milliseconds
+        return float(n)
+    return n * 1000.0  # seconds
 
 
 def _bearer(tokens: Any, auth: bytes | None) -> Bearer | None:

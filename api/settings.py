@@ -142,9 +142,17 @@ class Settings:
     not_open_margin_ms: int = 250
     #: Serve well-formed POST /v1/holds in front of Litestar (api.fastpath).
     fast_path: bool = True
-    #: A hold older than this (ms since this worker received it) is answered
-    #: at once (a waiting-room ticket, or 429) instead of being decided late.
+    #: A hold older than this (ms since it arrived) is answered at once (a
+    #: waiting-room ticket, or 429) instead of being decided late.
     max_request_age_ms: int = 500
+    #: The header in which the edge proxy stamps when it received a request
+    #: (nginx: ``proxy_set_header X-Request-Start "t=${msec}";``; seconds,
+    #: ms or us since the epoch). A hold's arrival is the earlier of that and
+    #: this worker's own stamp, so the queue in front of the workers counts
+    #: too; a client's own value can only make its request older (never
+    #: sooner than the release, never younger), so it gains nothing. Empty:
+    #: the worker's stamp only.
+    arrival_header: str = "x-request-start"
     #: The waiting room (api.waiting): positions of the line admitted per
     #: second across the deployment (size it from the measured holds/s; 0 =
     #: off, shed holds get a plain 429), how long an admitted ticket is

@@ -163,6 +163,18 @@ def _hardware() -> dict[str, Any]:
             "note": "load generator, 2 server workers, Redis and PostgreSQL share these cores"}
 
 
+async def _redis_usec(url: str) -> float:
+    """Microseconds Redis has spent in commands (INFO commandstats, all)."""
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(url)
+    try:
+        stats = await r.info("commandstats")
+    finally:
+        await r.aclose()
+    return float(sum(v.get("usec", 0) for v in stats.values() if isinstance(v, dict)))
+
+
 async def _wait_http(url: str, within_s: float = 30.0) -> None:
     deadline = time.monotonic() + within_s
     async with httpx.AsyncClient() as c:
@@ -283,9 +295,13 @@ async def run_http_bench(quick: bool = False, *, workers: int = 2,
         holds: list[dict[str, float]] = []
         soldout: list[dict[str, float]] = []
         keyed: list[dict[str, float]] = []
+        redis_us: list[float] = []  # Redis CPU per hold request, each run
         for r in range(repeats):
             hello.append(await _wrk(base + "/bench/hello", seconds))
+            before = None if cluster else await _redis_usec(redis.url)
             holds.append(await _wrk(base + "/v1/holds", seconds, scripts[r + 1], "keyed"))
+            if before is not None and holds[-1]["requests"]:
+                redis_us.append((await _redis_usec(redis.url) - before) / holds[-1]["requests"])
             soldout.append(await _wrk(base + "/v1/holds", seconds, sold, "unkeyed"))
             keyed.append(await _wrk(base + "/v1/holds", seconds, sold, "keyed"))
 
@@ -298,7 +314,19 @@ async def run_http_bench(quick: bool = False, *, workers: int = 2,
         keyed_per_s = med(keyed, "rps")
         hold_requests = sum(x["requests"] for x in holds)
         hold_refused = sum(x["non2xx"] for x in holds)
+        # The hold's real bound on these cores: the hello ceiling's machine CPU
+        # per request (cores / hello rate: the hello runs keep both cores busy)
+        # plus what Redis spends per hold, from INFO commandstats of the runs.
+        cores = os.cpu_count() or 1
+        redis_us_per_hold = round(statistics.median(redis_us), 1) if redis_us else None
+        bound = (cores / (cores / ceiling + redis_us_per_hold / 1e6)
+                 if ceiling and redis_us_per_hold is not None else None)
         return {
+            "redis_us_per_hold": redis_us_per_hold,
+            "hold_bound_per_s": round(bound) if bound else None,
+            "hold_vs_bound": round(holds_per_s / bound, 3) if bound else None,
+            "hold_bound_is": "cores / (cores / hello rate + Redis CPU per hold); Redis CPU from"
+                             " INFO commandstats (single node only)",
             "server": "granian",
             "workers": workers,
             "seconds": seconds,

@@ -13,8 +13,10 @@
  *
  *   -f  request templates: raw HTTP/1.1 requests separated by one NUL byte;
  *       "@@@@@@@@@@@@" (12 chars) in a template is replaced at send time by a
- *       zero-padded unique counter (unique Idempotency-Keys). Templates are
- *       picked uniformly at random (seed -r).
+ *       zero-padded unique counter (unique Idempotency-Keys), and
+ *       "%%%%%%%%%%%%%" (13 chars) by the wall-clock ms the request is written
+ *       at (an edge proxy's X-Request-Start). Templates are picked uniformly
+ *       at random (seed -r).
  *   -s  piecewise-linear schedule, "t:rate,..." (t in seconds relative to t0,
  *       rate in requests/s; constant before the first and after the last point)
  *   -a/-b  first and last intended send instant, seconds relative to t0
@@ -47,6 +49,11 @@
 
 #define PLACEHOLDER "@@@@@@@@@@@@"
 #define PH_LEN 12
+/* replaced by the wall-clock ms at which the request is written: the
+   arrival stamp an edge proxy adds (X-Request-Start), the generator on
+   loopback playing that proxy */
+#define TS_PLACEHOLDER "%%%%%%%%%%%%%"
+#define TS_LEN 13
 #define MAX_KEYS 64
 #define MAX_POINTS 256
 #define SUB 64          /* linear sub-buckets per power of two (latency, us) */
@@ -70,11 +77,12 @@ typedef struct conn {
     char *rbuf; size_t rlen, rcap;
     int64_t intended_ns;        /* relative to t0 */
     int sec;                    /* row of the intended send second */
+    int wsec;                   /* row of the second the request was written in */
     int reused;
 } conn;
 
 /* ------------------------------------------------------------------ globals */
-static char **tpl; static size_t *tpl_len; static long *tpl_ph; static size_t ntpl, tpl_max;
+static char **tpl; static size_t *tpl_len; static long *tpl_ph, *tpl_ts; static size_t ntpl, tpl_max;
 static double pt_t[MAX_POINTS], pt_r[MAX_POINTS]; static int npts;
 static double t_start = -1, t_end = 10, timeout_s = 5;
 static long long t0_ms = 0;
@@ -92,7 +100,7 @@ static int64_t mono_t0;         /* CLOCK_MONOTONIC ns at t0 */
 static char keys[MAX_KEYS][48]; static int nkeys;
 static int base_sec, nsec;
 static long long *r_offered, *r_sent, *r_unsent, *r_timeouts, *r_errors, *r_answered_at,
-    *r_ok_at, *r_ans; /* r_ans[sec * MAX_KEYS + key] by intended second */
+    *r_ok_at, *r_ok_written, *r_ans; /* r_ans[sec * MAX_KEYS + key] by intended second */
 static long long offered, sent, unsent, answered, timeouts, timeouts_connecting, errors_total;
 static long long answered_1s; /* answered within 1 s of the intended send time */
 static long long errs[E_COUNT], key_tot[MAX_KEYS];
@@ -280,6 +288,7 @@ static void finish(conn *c, int status, int close_after, size_t boff, size_t ble
     r_answered_at[as]++;
     if (status == 201) {
         r_ok_at[as]++;
+        r_ok_written[c->wsec]++;
         if (first_ok_ns == INT64_MIN) first_ok_ns = now;
         last_ok_ns = now;
     }
@@ -332,6 +341,12 @@ static void fill_request(conn *c) {
         snprintf(num, sizeof num, "%012llu", ++counter % 1000000000000ULL);
         memcpy(c->wbuf + tpl_ph[t], num, PH_LEN);
     }
+    if (tpl_ts[t] >= 0) {
+        char ms[32];
+        snprintf(ms, sizeof ms, "%013lld", t0_ms + rel_ns() / 1000000LL);
+        memcpy(c->wbuf + tpl_ts[t], ms, TS_LEN);
+    }
+    c->wsec = row_of(rel_ns());
     c->wlen = tpl_len[t]; c->woff = 0; c->rlen = 0;
 }
 
@@ -416,7 +431,7 @@ static void load_templates(const char *path) {
     size_t n = fread(buf, 1, (size_t)st.st_size, f); fclose(f);
     buf[n] = 0;
     size_t cap = 1024; tpl = malloc(cap * sizeof *tpl); tpl_len = malloc(cap * sizeof *tpl_len);
-    tpl_ph = malloc(cap * sizeof *tpl_ph);
+    tpl_ph = malloc(cap * sizeof *tpl_ph); tpl_ts = malloc(cap * sizeof *tpl_ts);
     size_t p = 0;
     while (p < n) {
         size_t e = p; while (e < n && buf[e]) e++;
@@ -425,10 +440,13 @@ static void load_templates(const char *path) {
                 cap *= 2; tpl = realloc(tpl, cap * sizeof *tpl);
                 tpl_len = realloc(tpl_len, cap * sizeof *tpl_len);
                 tpl_ph = realloc(tpl_ph, cap * sizeof *tpl_ph);
+                tpl_ts = realloc(tpl_ts, cap * sizeof *tpl_ts);
             }
             tpl[ntpl] = buf + p; tpl_len[ntpl] = e - p;
             char *ph = memmem(buf + p, e - p, PLACEHOLDER, PH_LEN);
             tpl_ph[ntpl] = ph ? ph - (buf + p) : -1;
+            char *ts = memmem(buf + p, e - p, TS_PLACEHOLDER, TS_LEN);
+            tpl_ts[ntpl] = ts ? ts - (buf + p) : -1;
             if (e - p > tpl_max) tpl_max = e - p;
             ntpl++;
         }
@@ -502,6 +520,7 @@ int main(int argc, char **argv) {
     r_unsent = calloc((size_t)nsec, sizeof(long long)); r_timeouts = calloc((size_t)nsec, sizeof(long long));
     r_errors = calloc((size_t)nsec, sizeof(long long)); r_answered_at = calloc((size_t)nsec, sizeof(long long));
     r_ok_at = calloc((size_t)nsec, sizeof(long long));
+    r_ok_written = calloc((size_t)nsec, sizeof(long long));
     r_ans = calloc((size_t)nsec * MAX_KEYS, sizeof(long long));
 
     /* t0 on the monotonic clock */
@@ -591,12 +610,14 @@ int main(int argc, char **argv) {
     fprintf(o, "\"rows\":[");
     int first = 1;
     for (int s = 0; s < nsec; s++) {
-        long long any = r_offered[s] + r_answered_at[s] + r_timeouts[s] + r_errors[s];
+        long long any = r_offered[s] + r_answered_at[s] + r_timeouts[s] + r_errors[s]
+                        + r_ok_written[s];
         if (!any) continue;
         fprintf(o, "%s{\"t\":%d,\"offered\":%lld,\"sent\":%lld,\"unsent\":%lld,\"timeouts\":%lld,"
-                   "\"errors\":%lld,\"answered_at\":%lld,\"ok_at\":%lld,\"answered\":{",
+                   "\"errors\":%lld,\"answered_at\":%lld,\"ok_at\":%lld,\"ok_written\":%lld,"
+                   "\"answered\":{",
                 first ? "" : ",", s + base_sec, r_offered[s], r_sent[s], r_unsent[s],
-                r_timeouts[s], r_errors[s], r_answered_at[s], r_ok_at[s]);
+                r_timeouts[s], r_errors[s], r_answered_at[s], r_ok_at[s], r_ok_written[s]);
         first = 0;
         int f2 = 1;
         for (int k = 0; k < nkeys; k++) {
