@@ -322,3 +322,38 @@ async def test_abandoned_tickets_do_not_jam_the_line(room_app: Litestar) -> None
         assert t["ahead"] <= 2, t
         await asyncio.sleep(t["retry_after_ms"] / 1000 + 0.15)
         assert (await hold(client, crowd[7], sid, ticket=t["ticket"])).status_code == 201
+
+
+def test_edge_arrival_stamps_in_every_format() -> None:
+    from api.fastpath import edge_arrival_ms
+
+    assert edge_arrival_ms(b"t=1796688000.123") == pytest.approx(1796688000123.0)
+    assert edge_arrival_ms(b"1796688000.5") == pytest.approx(1796688000500.0)
+    assert edge_arrival_ms(b"1796688000123") == 1796688000123.0
+    assert edge_arrival_ms(b"1796688000123456") == pytest.approx(1796688000123.456)
+    assert edge_arrival_ms(b"1796688000") == 1796688000000.0
+    for bad in (b"", b"t=", b"soon", b"1.2.3", b"-5", b"1e9", b"9" * 25, "²".encode()):
+        assert edge_arrival_ms(bad) is None, bad
+
+
+async def test_an_edge_stamp_before_the_release_is_not_open_and_a_later_one_is_ignored(
+        room_app: Litestar, redis_url: str) -> None:
+    """The edge proxy's X-Request-Start says when the request came in: one
+    stamped before the release instant is not open though it reaches the
+    worker after it; one claiming a later arrival than the worker saw counts
+    as the worker's own stamp (a client cannot make its request younger)."""
+    async with AsyncTestClient(room_app) as client:
+        crowd = await accounts(client, 2)
+        release = await redis_ms(redis_url) + 600
+        sid = uid("S")
+        await import_sessions(client, [make_spec(sid, dept=uid("D"), caps=(3,),
+                                                 release_at_ms=release)])
+        await wait_until(redis_url, release + 50)
+        early = dict(crowd[0][0], **{"X-Request-Start": f"t={(release - 20) / 1000:.3f}"})
+        r = await client.post("/v1/holds", headers=early, json={
+            "session_id": sid, "slot_id": "0800", "patient_id": crowd[0][1]})
+        assert kind(r) == "not-open", r.text
+        later = dict(crowd[1][0], **{"X-Request-Start": str(release + 3_600_000)})
+        r = await client.post("/v1/holds", headers=later, json={
+            "session_id": sid, "slot_id": "0800", "patient_id": crowd[1][1]})
+        assert r.status_code == 201, r.text
