@@ -30,8 +30,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 if TYPE_CHECKING:
@@ -267,35 +274,48 @@ class ScriptRunner:
     async def _pipeline_cluster(self, batch: list[_Pending]) -> list[Any]:
         """On a Redis Cluster: one pipeline per node that owns the calls'
         slots, sent at once, each with our own RESP packing (as ``_pipeline``).
-        A call answered MOVED or ASK (a slot moving, a failover) runs again
-        once the slot map was read again: every script is idempotent."""
+        A call answered MOVED (a slot moved, a failover) runs again once the
+        slot map was read again; ASK (its slot is migrating and its keys have
+        left) runs again at once on the importing node, after ``ASKING``;
+        TRYAGAIN (the slot's keys are split mid-migration) and CLUSTERDOWN
+        run again a moment later. Every script is idempotent."""
         assert isinstance(self.client, RedisCluster)
         out: list[Any] = [None] * len(batch)
         todo = list(range(len(batch)))
-        for round_ in range(6):
-            groups: dict[str, tuple[Any, list[int]]] = {}
+        ask: dict[int, tuple[str, int]] = {}
+        for round_ in range(10):
+            groups: dict[tuple[str, bool], tuple[Any, list[int]]] = {}
             for i in todo:
-                keys = batch[i][1]
-                node = (self.client.get_node_from_key(keys[0]) if keys
-                        else self.client.get_default_node())
+                node = None
+                if i in ask:
+                    node = self.client.get_node(host=ask[i][0], port=ask[i][1])
+                if node is None:
+                    ask.pop(i, None)
+                    keys = batch[i][1]
+                    node = (self.client.get_node_from_key(keys[0]) if keys
+                            else self.client.get_default_node())
                 if node is None:
                     raise RedisConnectionError("no node owns the slot (the cluster is moving)")
-                groups.setdefault(node.name, (node, []))[1].append(i)
-            await asyncio.gather(*(self._node_pipeline(node, [batch[i] for i in idx], idx, out)
-                                   for node, idx in groups.values()))
-            todo = [i for i in todo if isinstance(out[i], ResponseError)
-                    and str(out[i]).startswith(("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN"))]
+                groups.setdefault((node.name, i in ask), (node, []))[1].append(i)
+            await asyncio.gather(*(
+                self._node_pipeline(node, [batch[i] for i in idx], idx, out, asking=asking)
+                for (_, asking), (node, idx) in groups.items()))
+            todo = [i for i in todo if isinstance(out[i], _REDIRECTED)]
             if not todo:
                 return out
-            await self._refresh_slots()
-            await asyncio.sleep(0.05 * (round_ + 1))
+            ask = {i: out[i].node_addr for i in todo if isinstance(out[i], AskError)}
+            if any(isinstance(out[i], MovedError | ClusterDownError) for i in todo) \
+                    or any(self.client.get_node(host=h, port=p) is None for h, p in ask.values()):
+                await self._refresh_slots()
+            if len(ask) < len(todo):  # TRYAGAIN, CLUSTERDOWN, MOVED: a moment
+                await asyncio.sleep(min(0.5, 0.05 * (round_ + 1)))
         return out
 
     async def _node_pipeline(self, node: Any, calls: list[_Pending], idx: list[int],
-                             out: list[Any]) -> None:
+                             out: list[Any], *, asking: bool = False) -> None:
         conn = node.acquire_connection()
         try:
-            for i, r in zip(idx, await self._exchange(conn, calls), strict=True):
+            for i, r in zip(idx, await self._exchange(conn, calls, asking=asking), strict=True):
                 out[i] = r
         except BaseException:
             await conn.disconnect()
@@ -303,17 +323,24 @@ class ScriptRunner:
         finally:
             node.release(conn)
 
-    async def _exchange(self, conn: Any, calls: list[_Pending]) -> list[Any]:
+    async def _exchange(self, conn: Any, calls: list[_Pending], *,
+                        asking: bool = False) -> list[Any]:
         """Send the calls (and WAIT, in durability "wait") in one packet with
         our own RESP packing (redis-py's generic packer was two thirds of the
         CPU per decision) and read every reply; an error reply is kept in its
-        place, so the stream stays aligned."""
-        packed = b"".join(pack_evalsha(s.sha_b, keys, args) for s, keys, args, _ in calls)
+        place, so the stream stays aligned. ``asking``: each call goes after
+        an ``ASKING`` (an ASK redirection to a slot's importing node)."""
+        prefix = _ASKING if asking else b""
+        packed = b"".join(prefix + pack_evalsha(s.sha_b, keys, args)
+                          for s, keys, args, _ in calls)
         if self.wait_replicas:
             packed += _wait_command(self.wait_replicas, self.wait_timeout_ms)
         await conn.send_packed_command(packed, check_health=False)
         got: list[Any] = []
         for _ in calls:
+            if asking:
+                with contextlib.suppress(ResponseError):
+                    await conn.read_response()  # +OK of ASKING
             try:
                 got.append(await conn.read_response())
             except ResponseError as exc:
@@ -343,6 +370,11 @@ class ScriptRunner:
             raise
         finally:
             await pool.release(conn)
+
+
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
+#: Answers of a cluster that say "not here, not now": the call runs again.
+_REDIRECTED = (MovedError, AskError, TryAgainError, ClusterDownError)
 
 
 def _wait_command(replicas: int, timeout_ms: int) -> bytes:

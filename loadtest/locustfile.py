@@ -511,10 +511,17 @@ class HaoyuanUser(FastHttpUser):
 
     # ------------------------------------------------------------------ booking steps
     def hold(self, s: Session, slot: str, patient: str, key: str) -> Answer:
-        return self.call("POST", HOLDS_ROUTE, HOLDS_ROUTE,
-                         body={"session_id": s.session_id, "slot_id": slot, "patient_id": patient},
-                         headers={"Idempotency-Key": key}, expected=(403, 404, 409, 429),
-                         ok="held")
+        headers = {"Idempotency-Key": key}
+        ticket = getattr(self, "ticket", None)
+        if ticket:  # the waiting room's ticket, as the mini-program sends it back
+            headers["X-Waiting-Ticket"] = ticket
+        a = self.call("POST", HOLDS_ROUTE, HOLDS_ROUTE,
+                      body={"session_id": s.session_id, "slot_id": slot, "patient_id": patient},
+                      headers=headers, expected=(403, 404, 409, 429), ok="held")
+        if a.outcome == "waiting-room" and isinstance(a.get("ticket"), str):
+            self.ticket = a.get("ticket")
+            RUN.count("waiting_room")
+        return a
 
     def confirm(self, hold_id: str, fee: int) -> Answer:
         """The payment side's callback: signed, retried with the same payment ref."""

@@ -1,6 +1,8 @@
 """2,000 concurrent HTTP hold requests on 100 units from 1,000 accounts:
 exactly 100 are 201, the rest 409 (sold out, duplicate) or 429 (shed, rate
-limited), never a 5xx; the engine's audit agrees (100 held, 0 free).
+limited), never a 5xx; the engine's audit agrees (100 held, 0 free). A
+request the waiting room gives a ticket comes back with it when told, as
+the mini-program does.
 
 Once in process (one worker, every request in flight at once in one event
 loop, a small in-flight limit so that shedding happens) and once through
@@ -66,14 +68,31 @@ def _body(sid: str, pid: str) -> bytes:
     return msgspec.json.encode({"session_id": sid, "slot_id": "0800", "patient_id": pid})
 
 
+def _come_back(status: int, body: bytes) -> tuple[str, float] | None:
+    """A 429 waiting-room answer's ticket and wait: the mini-program comes
+    back with the ticket when told (the crowd here does, up to 20 times)."""
+    if status != 429:
+        return None
+    got = msgspec.json.decode(body)
+    if got.get("type") != "/problems/waiting-room":
+        return None
+    return got["ticket"], got["retry_after_ms"] / 1000
+
+
 async def _spike(c: httpx.AsyncClient, accounts: list[tuple[dict[str, str], str]],
                  sid: str) -> collections.Counter[int]:
     async def one(i: int) -> int:
         headers, pid = accounts[i % ACCOUNTS]
-        r = await c.post("/v1/holds", headers={**headers, "Content-Type": "application/json"},
-                         content=_body(sid, pid))
-        if r.status_code == 429:
-            assert int(r.headers["retry-after"]) >= 1
+        h = {**headers, "Content-Type": "application/json"}
+        for _ in range(20):
+            r = await c.post("/v1/holds", headers=h, content=_body(sid, pid))
+            if r.status_code == 429:
+                assert int(r.headers["retry-after"]) >= 1
+            back = _come_back(r.status_code, r.content)
+            if back is None:
+                break
+            h["X-Waiting-Ticket"] = back[0]
+            await asyncio.sleep(back[1])
         return r.status_code
 
     return collections.Counter(await asyncio.gather(*(one(i) for i in range(REQUESTS))))
@@ -84,11 +103,16 @@ async def _spike_sockets(base: str, accounts: list[tuple[dict[str, str], str]],
     """Every request on its own connection, all 2,000 open at once."""
     async def one(i: int) -> int:
         headers, pid = accounts[i % ACCOUNTS]
-        status, h, _ = await raw_request(base, "POST", "/v1/holds",
-                                         {**headers, "Content-Type": "application/json"},
-                                         _body(sid, pid))
-        if status == 429:
-            assert int(h["retry-after"]) >= 1
+        h = {**headers, "Content-Type": "application/json"}
+        for _ in range(20):
+            status, rh, body = await raw_request(base, "POST", "/v1/holds", h, _body(sid, pid))
+            if status == 429:
+                assert int(rh["retry-after"]) >= 1
+            back = _come_back(status, body)
+            if back is None:
+                break
+            h["X-Waiting-Ticket"] = back[0]
+            await asyncio.sleep(back[1])
         return status
 
     return collections.Counter(await asyncio.gather(*(one(i) for i in range(REQUESTS))))

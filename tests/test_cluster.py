@@ -147,3 +147,60 @@ async def test_every_worker_runs_on_a_cluster(redis_cluster: Any, db_pool: Any,
         if args[0] == "audit":
             doc = json.loads(out)
             assert doc["ok"] and doc["rebuild_needed"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_a_slot_migrating_under_load_loses_no_call(tmp_path: Any) -> None:
+    """A partition's hash slot moves to another primary (IMPORTING /
+    MIGRATING, its keys a few at a time) while 200 holds and confirms run on
+    its sessions: the batches follow ASK to the importing node (after
+    ASKING), wait out TRYAGAIN while the keys are split, and follow MOVED
+    once the slot has moved. No call fails, every unit is held once, and the
+    audit of each session is clean on its new node."""
+    from engine import keys as K
+    from engine.testing.servers import RedisClusterServer
+
+    cluster = RedisClusterServer(masters=3)
+    cluster.start()
+    try:
+        async with Engine.connect(cluster.url, config(cluster=True)) as eng:
+            specs = [make_spec(f"M{i}", dept="DM", caps=(60,)) for i in range(4)]
+            for s in specs:
+                await eng.load_session(s)  # one department-day: one partition, one slot
+            part = K.partition_of("DM", specs[0].date)
+            tag = K.tag(part)
+            src = cluster.primary_of(tag)
+            dst = next(n for n in cluster.alive()
+                       if cluster.role(n) == "master" and n is not src)
+            slot = int(str(src.command("CLUSTER", "KEYSLOT", tag)))
+            errors: list[BaseException] = []
+            held: list[Held] = []
+
+            async def client(k: int) -> None:
+                for i in range(50):
+                    try:
+                        h = await eng.hold(f"M{i % 4}", "0800", patient=f"c{k}-{i}",
+                                           account=f"a{k}-{i}")
+                        if isinstance(h, Held):
+                            held.append(h)
+                            assert isinstance(await eng.confirm(h.hold_id, "pay"), Booked)
+                    except Exception as exc:  # any call that fails is a finding
+                        errors.append(exc)
+                    await asyncio.sleep(0.005)
+
+            clients = [asyncio.create_task(client(k)) for k in range(4)]
+            await asyncio.sleep(0.1)
+            moved = await asyncio.to_thread(cluster.migrate_slot, slot, dst, batch=3,
+                                            pause_s=0.05)
+            await asyncio.gather(*clients)
+            assert moved > 10
+            assert not errors, errors[:3]
+            assert len(held) == 200 and len({(h.session_id, h.unit) for h in held}) == 200
+            assert cluster.primary_of(tag) is dst
+            for s in specs:
+                a = await eng.audit(s.session_id)
+                mine = sum(1 for h in held if h.session_id == s.session_id)
+                assert a.ok and a.booked == mine and a.held == 0, a.breaches
+    finally:
+        cluster.cleanup()

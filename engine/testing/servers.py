@@ -862,6 +862,49 @@ class RedisClusterServer(_StartCleanupContext):
                             return node
         raise ServerError(f"no live primary owns slot {slot}")
 
+    def node_id(self, node: RedisServer) -> str:
+        return str(node.command("CLUSTER", "MYID"))
+
+    def migrate_slot(self, slot: int, to: RedisServer, *, batch: int = 10,
+                     pause_s: float = 0.0) -> int:
+        """Move one hash slot to the primary ``to`` as ``redis-cli --cluster
+        reshard`` does: IMPORTING / MIGRATING, MIGRATE ``batch`` keys at a
+        time (``pause_s`` after each widens the window in which the slot's
+        keys are split between the two), then the slot's new owner on every
+        primary. Returns the number of keys moved."""
+        src = None
+        for node in self.alive():
+            if self.role(node) == "master" and node is not to:
+                owned: list[int] = []
+                for line in str(node.command("CLUSTER", "NODES")).splitlines():
+                    f = line.split()
+                    if "myself" in f[2]:
+                        for r in f[8:]:
+                            lo, _, hi = r.partition("-")
+                            if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
+                                owned.append(slot)
+                if owned:
+                    src = node
+                    break
+        if src is None:
+            raise ServerError(f"slot {slot}: no other live primary owns it")
+        src_id, dst_id = self.node_id(src), self.node_id(to)
+        to.command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        moved = 0
+        while True:
+            keys = src.command("CLUSTER", "GETKEYSINSLOT", slot, batch)
+            if not isinstance(keys, list) or not keys:
+                break
+            src.command("MIGRATE", LOCALHOST, to.port, "", 0, 5000, "KEYS", *keys, timeout=10.0)
+            moved += len(keys)
+            if pause_s:
+                time.sleep(pause_s)
+        for node in self.alive():
+            if self.role(node) == "master":
+                node.command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        return moved
+
     def replicas_of(self, primary: RedisServer) -> list[RedisServer]:
         """The live replicas that replicate ``primary`` (by its port)."""
         out = []
