@@ -536,6 +536,68 @@ async def _demo(a: argparse.Namespace) -> int:
     return 0 if summary.get("ok") else 1
 
 
+def _capacity(a: argparse.Namespace) -> int:
+    """``haoyuan capacity``: the M/M/s clinic (and its simulations), or the
+    release-morning sizing (``capacity release``). Bad or unstable input is
+    exit 2 with the reason; nothing else is printed then."""
+    from engine import capacity as cap
+
+    try:
+        if a.what == "release":
+            if a.peak_rps is None:
+                raise ValueError("capacity release needs --peak-rps")
+            given = {k: getattr(a, k) for k in cap.MEASURED if getattr(a, k) is not None}
+            sized = cap.size_release(a.peak_rps, **given)
+            out: dict[str, Any] = sized.to_dict()
+            text = [sized.arithmetic]
+        else:
+            if a.arrivals_per_hour is None or a.services_per_hour is None:
+                raise ValueError("capacity needs --arrivals-per-hour and --services-per-hour")
+            if a.servers is None and a.target_wait_minutes is None:
+                raise ValueError("capacity needs --servers or --target-wait-minutes")
+            needed = (cap.servers_for_wait(a.arrivals_per_hour, a.services_per_hour,
+                                           a.target_wait_minutes)
+                      if a.target_wait_minutes is not None else None)
+            servers = a.servers if a.servers is not None else needed
+            assert servers is not None
+            q = cap.mms(a.arrivals_per_hour, a.services_per_hour, servers,
+                        percentile=a.percentile)
+            out = q.to_dict()
+            if needed is not None:
+                out["servers_for_target_wait"] = needed
+                out["target_wait_minutes"] = a.target_wait_minutes
+            text = [f"M/M/{servers}: utilization {q.utilization:.1%}, P(wait) {q.p_wait:.3f}, "
+                    f"Lq {q.lq:.2f}, Wq {q.wq_minutes:.2f} min, "
+                    f"p{round(q.wait_percentile * 100)} wait {q.wait_percentile_minutes:.2f} min"]
+            if needed is not None:
+                text.append(f"fewest servers for a mean wait of at most "
+                            f"{a.target_wait_minutes:g} min: {needed}")
+            if a.simulate:
+                sim = cap.simulate_mms(a.arrivals_per_hour, a.services_per_hour, servers,
+                                       patients=a.patients, seed=a.seed,
+                                       percentile=a.percentile)
+                booked = cap.simulate_booked(
+                    a.arrivals_per_hour, a.services_per_hour, servers, hours=a.hours,
+                    days=a.days, punctuality_sd_minutes=a.punctuality_sd_minutes,
+                    no_show_rate=a.no_show_rate, seed=a.seed, percentile=a.percentile)
+                out["simulated"] = sim.to_dict()
+                out["booked"] = booked.to_dict()
+                text.append(f"simulated M/M/{servers} ({sim.patients} patients): Wq "
+                            f"{sim.wq_minutes:.2f} min, P(wait) {sim.p_wait:.3f}")
+                text.append(f"booked every {60 / a.arrivals_per_hour:.1f} min, punctuality "
+                            f"sd {a.punctuality_sd_minutes:g} min, {a.no_show_rate:.0%} no-shows"
+                            f" ({a.days} sessions):"
+                            f" Wq {booked.wq_minutes:.2f} min, P(wait) {booked.p_wait:.3f}")
+    except cap.Unstable as exc:
+        print(f"haoyuan capacity: unstable: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"haoyuan capacity: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out) if a.json else "\n".join(text))
+    return 0
+
+
 async def _bench(a: argparse.Namespace) -> int:
     result: dict[str, Any]
     try:
@@ -845,6 +907,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a private Redis Cluster (3 primaries, a replica each)")
     p.add_argument("--failover", action="store_true",
                    help="with --cluster: kill -9 a primary mid-spike; its replica takes over")
+
+    p = cmd("capacity", _capacity,
+            "capacity planning: the clinic as an M/M/s queue (Erlang C), simulated with "
+            "--simulate; 'capacity release': API cores and Redis primaries for a peak")
+    p.add_argument("what", nargs="?", choices=["clinic", "release"], default="clinic",
+                   help="clinic (the default): the queue at the doctors' rooms; release: "
+                        "sizing for release morning")
+    p.add_argument("--arrivals-per-hour", type=float, help="patients arriving an hour (L)")
+    p.add_argument("--services-per-hour", type=float,
+                   help="patients one doctor sees an hour (M)")
+    p.add_argument("--servers", type=int, help="doctors (or rooms) seeing patients (S)")
+    p.add_argument("--target-wait-minutes", type=float,
+                   help="also: the fewest servers whose mean wait is at most this (minutes)")
+    p.add_argument("--percentile", type=float, default=0.9,
+                   help="the wait percentile to report (0-1)")
+    p.add_argument("--simulate", action="store_true",
+                   help="also a discrete-event simulation of the same clinic, and of booked "
+                        "arrivals (every 60/L minutes) with punctuality and no-shows")
+    p.add_argument("--patients", type=int, default=200_000, help="--simulate: patients")
+    p.add_argument("--hours", type=float, default=4.0,
+                   help="--simulate: hours of booked appointments a session")
+    p.add_argument("--days", type=int, default=200, help="--simulate: sessions simulated")
+    p.add_argument("--punctuality-sd-minutes", type=float, default=5.0,
+                   help="--simulate: standard deviation of arrival vs booked time (minutes)")
+    p.add_argument("--no-show-rate", type=float, default=0.1,
+                   help="--simulate: share of booked patients who do not come")
+    p.add_argument("--seed", type=int, default=1, help="--simulate: random seed")
+    p.add_argument("--peak-rps", type=float, help="release: requests a second at the peak")
+    p.add_argument("--reach-redis", type=float,
+                   help="release: share of requests that run a script (default 0.10)")
+    p.add_argument("--api-us-cached", type=float,
+                   help="release: API CPU us per answer without Redis (default 90, measured)")
+    p.add_argument("--api-us-hold", type=float,
+                   help="release: API CPU us per hold (default 125, measured)")
+    p.add_argument("--redis-us-hold", type=float,
+                   help="release: Redis CPU us per hold (default 80, measured)")
+    p.add_argument("--api-headroom", type=float, help="release: API headroom (default 0.30)")
+    p.add_argument("--redis-busy", type=float,
+                   help="release: how busy a primary may run (default 0.5)")
+    p.add_argument("--min-primaries", type=float,
+                   help="release: fewest primaries (default 3, a cluster)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
 
     p = cmd("bench", _bench, "measurements with their ceilings (see benchmarks/README.md)")
     p.add_argument("what", choices=["engine", "http", "durability", "cluster", "peers", "peking"],
