@@ -41,6 +41,16 @@ __all__ = [
 ]
 
 
+class _Figures:
+    """A dataclass of figures that reads as one JSON object."""
+
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = asdict(self)  # type: ignore[call-overload]
+        return out
+
+
 class Unstable(ValueError):
     """Arrivals at or above what the servers can see: the queue grows
     without bound, and no steady state exists."""
@@ -66,7 +76,7 @@ def erlang_c(servers: int, load: float) -> float:
 
 
 @dataclass(frozen=True, slots=True)
-class ClinicQueue:
+class ClinicQueue(_Figures):
     """The M/M/s clinic: what ``mms`` answers (times in minutes)."""
 
     arrivals_per_hour: float
@@ -81,8 +91,6 @@ class ClinicQueue:
     wait_percentile: float
     wait_percentile_minutes: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _check(arrivals_per_hour: float, services_per_hour: float, servers: int) -> None:
@@ -138,7 +146,7 @@ def servers_for_wait(arrivals_per_hour: float, services_per_hour: float,
 
 
 @dataclass(frozen=True, slots=True)
-class Simulated:
+class Simulated(_Figures):
     """A simulated clinic's figures (minutes)."""
 
     patients: int
@@ -150,8 +158,6 @@ class Simulated:
     utilization: float
     seed: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _serve(arrivals: list[float], services: list[float], servers: int, *,
@@ -264,7 +270,7 @@ MEASURED: dict[str, float] = {
 
 
 @dataclass(frozen=True, slots=True)
-class ReleaseSizing:
+class ReleaseSizing(_Figures):
     peak_rps: float
     api_cores: int
     redis_primaries: int
@@ -273,8 +279,6 @@ class ReleaseSizing:
     inputs: dict[str, float]
     arithmetic: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def size_release(peak_rps: float, **measured: float) -> ReleaseSizing:

@@ -144,6 +144,22 @@ async def served(redis_url: str, db: str, **env: str) -> AsyncIterator[httpx.Asy
             yield client
 
 
+async def behind_a_busy_redis(client: httpx.AsyncClient, redis_url: str, n: int) -> tuple[
+        list[tuple[dict[str, str], str]], str, list[httpx.Response], float]:
+    """``n`` accounts press at once on a 40-unit session while Redis is
+    blocked for 0.8 s: (the accounts, the session, the answers, seconds taken)."""
+    crowd = await accounts(client, n)
+    sid = uid("S")
+    await import_sessions(client, [make_spec(sid, dept=uid("D"), caps=(40,))])
+    blocker = asyncio.create_task(block_redis(redis_url, await redis_ms(redis_url) + 800))
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    got = await asyncio.gather(*(hold(client, who, sid) for who in crowd))
+    took = time.monotonic() - t0
+    await blocker
+    return crowd, sid, list(got), took
+
+
 @pytest.mark.timeout(120)
 async def test_pressing_before_the_release_wins_nothing_even_when_decided_after_it(
         redis_url: str, db: str) -> None:
@@ -179,16 +195,7 @@ async def test_a_request_that_waited_too_long_is_answered_at_once_never_decided_
     holds are decided."""
     async with served(redis_url, db, HAOYUAN_MAX_REQUEST_AGE_MS="300",
                       HAOYUAN_WAITING_ROOM_RATE="0") as client:
-        crowd = await accounts(client, 20)
-        sid = uid("S")
-        await import_sessions(client, [make_spec(sid, dept=uid("D"), caps=(40,))])
-        until = await redis_ms(redis_url) + 800
-        blocker = asyncio.create_task(block_redis(redis_url, until))
-        await asyncio.sleep(0.05)
-        t0 = time.monotonic()
-        got = await asyncio.gather(*(hold(client, who, sid) for who in crowd))
-        took = time.monotonic() - t0
-        await blocker
+        crowd, sid, got, took = await behind_a_busy_redis(client, redis_url, 20)
         assert {kind(r) for r in got} == {"overloaded"}, [r.text for r in got]
         assert all(r.headers.get("retry-after") for r in got)
         assert took < 2.0  # answered when the worker came back, not later
@@ -211,14 +218,7 @@ async def test_shed_holds_get_tickets_in_order_and_come_back_admitted(
     async with served(redis_url, db, HAOYUAN_MAX_REQUEST_AGE_MS="300",
                       HAOYUAN_WAITING_ROOM_RATE="20", HAOYUAN_WAITING_ROOM_WINDOW_S="5",
                       HAOYUAN_WAITING_ROOM_REFRESH_MS="50") as client:
-        crowd = await accounts(client, 10)
-        sid = uid("S")
-        await import_sessions(client, [make_spec(sid, dept=uid("D"), caps=(40,))])
-        until = await redis_ms(redis_url) + 800
-        blocker = asyncio.create_task(block_redis(redis_url, until))
-        await asyncio.sleep(0.05)
-        got = await asyncio.gather(*(hold(client, who, sid) for who in crowd))
-        await blocker
+        crowd, sid, got, _ = await behind_a_busy_redis(client, redis_url, 10)
         assert {kind(r) for r in got} == {"waiting-room"}, [r.text for r in got]
         bodies = [r.json() for r in got]
         assert sorted(b["position"] for b in bodies) == list(range(1, 11))
