@@ -160,6 +160,7 @@ async def behind_a_busy_redis(client: httpx.AsyncClient, redis_url: str, n: int)
     return crowd, sid, list(got), took
 
 
+@pytest.mark.slow  # a granian process
 @pytest.mark.timeout(120)
 async def test_pressing_before_the_release_wins_nothing_even_when_decided_after_it(
         redis_url: str, db: str) -> None:
@@ -186,6 +187,7 @@ async def test_pressing_before_the_release_wins_nothing_even_when_decided_after_
         assert {kind(await hold(client, who, sid)) for who in crowd[:6]} == {"sold-out"}
 
 
+@pytest.mark.slow  # a granian process
 @pytest.mark.timeout(120)
 async def test_a_request_that_waited_too_long_is_answered_at_once_never_decided_late(
         redis_url: str, db: str) -> None:
@@ -208,6 +210,7 @@ async def test_a_request_that_waited_too_long_is_answered_at_once_never_decided_
 # ------------------------------------------------------------------ the waiting room
 
 
+@pytest.mark.slow  # a granian process
 @pytest.mark.timeout(120)
 async def test_shed_holds_get_tickets_in_order_and_come_back_admitted(
         redis_url: str, db: str) -> None:
