@@ -24,6 +24,7 @@ from api.auth import (
     TokenSigner,
     client_address,
 )
+from api.demand import DemandLog
 from api.hardening import BodyDeadlines
 from api.hotpath import Admission, MicroCache, ReleaseTimes, ServerClock, SoldOut
 from api.metrics import Metrics
@@ -113,6 +114,7 @@ class Api:
         #: WeChat Pay (verifies and decrypts notifications); None: not configured.
         self.wxpay: WechatPay | None = WechatPay(s.wxpay) if s.wxpay is not None else None
         self.engine: Engine = Engine.connect(s.redis_url, s.engine_config())
+        self.demand = DemandLog(self.engine)
         self.waiting = WaitingRoom(self.engine, s.token_secret, rate_per_s=s.waiting_room_rate,
                                    window_s=s.waiting_room_window_s,
                                    refresh_ms=s.waiting_room_refresh_ms)
@@ -157,9 +159,12 @@ class Api:
             self._tasks.append(asyncio.create_task(self.admission.watch_loop(self._stop)))
         if self.waiting.enabled:
             self._tasks.append(asyncio.create_task(self.waiting.watch(self._stop)))
+        self._tasks.append(asyncio.create_task(self.demand.run(self._stop)))
 
     async def stop(self) -> None:
         self._stop.set()
+        with contextlib.suppress(Exception):  # the last second's demand
+            await self.demand.flush()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

@@ -536,6 +536,59 @@ async def _demo(a: argparse.Namespace) -> int:
     return 0 if summary.get("ok") else 1
 
 
+async def _stats(a: argparse.Namespace) -> int:
+    """``haoyuan stats``: fold Redis's demand into PostgreSQL, then the
+    figures per session, doctor, department and day (engine.stats)."""
+    import datetime as dt
+
+    import asyncpg
+
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.stats import fold, stats, totals
+
+    try:
+        if a.date and (a.date_from or a.date_to):
+            raise ValueError("give --date, or --from and --to")
+        first = dt.date.fromisoformat(a.date or a.date_from or dt.date.today().isoformat())
+        last = dt.date.fromisoformat(a.date or a.date_to or first.isoformat())
+    except ValueError as exc:
+        print(f"haoyuan stats: {exc} (dates are YYYY-MM-DD)", file=sys.stderr)
+        return 2
+    if last < first or (last - first).days > 366:
+        print("haoyuan stats: --to must not be before --from, nor a year after it",
+              file=sys.stderr)
+        return 2
+    pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=2)
+    try:
+        folded = None
+        if not a.no_fold:
+            async with Engine.connect(a.redis_url, EngineConfig.from_env()) as eng:
+                async with pool.acquire() as conn:
+                    folded = await fold(eng, conn)
+        rows = await stats(pool, date_from=first, date_to=last, hospital=a.hospital)
+    finally:
+        await pool.close()
+    out = {
+        "from": first.isoformat(), "to": last.isoformat(), "hospital": a.hospital,
+        "sessions": msgspec.to_builtins(rows),
+        "by_doctor": totals(rows, ("date", "dept_id", "doctor_id")),
+        "by_department": totals(rows, ("date", "dept_id")),
+        "by_day": totals(rows, ("date",)),
+        "folded": None if folded is None else msgspec.to_builtins(folded),
+    }
+    if a.json:
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    head = ("date", "dept_id", "doctor_id", "released", "booked", "tried", "unmet_demand",
+            "sold_out_after_release_ms", "cancelled_in_time", "cancelled_late", "no_show_rate",
+            "waitlist_offers", "refunds", "his_rejections")
+    print("\t".join(head))
+    for r in out["by_doctor"]:
+        print("\t".join("" if r.get(k) is None else str(r.get(k)) for k in head))
+    return 0
+
+
 def _capacity(a: argparse.Namespace) -> int:
     """``haoyuan capacity``: the M/M/s clinic (and its simulations), or the
     release-morning sizing (``capacity release``). Bad or unstable input is
@@ -907,6 +960,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a private Redis Cluster (3 primaries, a replica each)")
     p.add_argument("--failover", action="store_true",
                    help="with --cluster: kill -9 a primary mid-spike; its replica takes over")
+
+    p = cmd("stats", _stats,
+            "statistics per day, department and doctor: units released by pool, booked, "
+            "time to sold out, demand and unmet demand, cancellations, no-shows, waitlist, "
+            "refunds, HIS rejections (engine.stats)")
+    _conn(p)
+    p.add_argument("--date", help="one day, YYYY-MM-DD (default: today)")
+    p.add_argument("--from", dest="date_from", help="first day, YYYY-MM-DD")
+    p.add_argument("--to", dest="date_to", help="last day, YYYY-MM-DD (at most a year on)")
+    p.add_argument("--hospital", help="one hospital's sessions")
+    p.add_argument("--no-fold", action="store_true",
+                   help="read PostgreSQL only (do not move Redis's demand counts first)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object: sessions, by_doctor, by_department, by_day")
 
     p = cmd("capacity", _capacity,
             "capacity planning: the clinic as an M/M/s queue (Erlang C), simulated with "

@@ -82,6 +82,11 @@ class PartitionKeys:
         (lua/includes/bundle.lua ``recovering``; engine.recovery)."""
         return f"{tag(self.p)}:epoch"
 
+    @property
+    def demand_index(self) -> str:
+        """The demand sets of this partition not folded into PostgreSQL yet."""
+        return f"{tag(self.p)}:dmi"
+
     def dept_day(self, dept: str, date: str) -> str:
         return f"{tag(self.p)}:dd:{dept}:{date}"
 
@@ -160,6 +165,10 @@ class SessionKeys:
     @property
     def delayed(self) -> str:
         return f"{tag(self.p)}:q:{self.sid}"
+
+    def demand(self, kind: str) -> str:
+        """Accounts of one kind of demand (tried, refused, joined): engine.stats."""
+        return f"{tag(self.p)}:dm:{kind}:{self.sid}"
 
     def bundle(self, rule_key: str) -> list[str]:
         """The twelve KEYS every mutating session script takes first

@@ -132,6 +132,9 @@ class WriterConfig:
     #: never an entry younger than ``retain_ms`` (kept for inspection).
     trim_interval_s: float = 5.0
     retain_ms: int = 15 * 60_000
+    #: How often (seconds), when idle, the writer moves the demand counts and
+    #: sold-out instants from Redis into PostgreSQL (engine.stats.fold; 0 = never).
+    fold_interval_s: float = 5.0
 
 
 class OutboxWriter:
@@ -153,6 +156,7 @@ class OutboxWriter:
         self._last_claim = 0.0
         self._last_guard = -1e9
         self._last_trim = 0.0
+        self._last_fold = 0.0
         self.trimmed = 0
         self._reported: set[tuple[int, str]] = set()
 
@@ -228,6 +232,13 @@ class OutboxWriter:
                     loop.time() - self._last_trim >= self.config.trim_interval_s:
                 self._last_trim = loop.time()
                 self.trimmed += await self.trim()
+            if self.config.fold_interval_s > 0 and \
+                    loop.time() - self._last_fold >= self.config.fold_interval_s:
+                from engine.stats import fold
+
+                self._last_fold = loop.time()
+                async with self.pool.acquire() as conn:
+                    await fold(self.engine, conn, self.partitions)
             return 0
         await self._write(entries)
         return len(entries)

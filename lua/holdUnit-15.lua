@@ -133,6 +133,8 @@ local unit, score = lowest_free(k.free, tonumber(x[2]), pools)
 if unit == nil then return remember({o = SOLD_OUT, now = now}) end
 
 rcall('ZREM', k.free, unit)
+-- The first instant the session had no free unit left (statistics: time to sold out).
+if rcall('ZCARD', k.free) == 0 then rcall('HSETNX', k.meta, 'soldout_ms', now) end
 local rec = make_hold(k, cfg, now, sid, slot, unit, score, pat, acct, cfg.hold_ttl_ms,
                       {rq = ARGV[15] or ''})
 return remember({o = OK, id = rec.id, sid = sid, slot = slot, unit = rec.unit, dl = rec.dl,

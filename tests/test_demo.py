@@ -43,6 +43,10 @@ async def test_quick_demo_keeps_every_invariant(tmp_path: Path) -> None:
     assert len(s["his_stopped_sessions"]) == 1 and s["window_cancels"] == 3
     assert s["refund_causes"].get("suspended", 0) >= 1
     assert s["refund_causes"].get("his_cancelled") == 3
+    # The day's statistics (issue 16): demand the API counted, time to sold out.
+    assert 0 <= s["unmet_demand"] <= s["patients_without_booking"]
+    assert len(s["sold_out_ms"]) == s["sessions"]
+    assert sum(d["booked"] for d in s["stats_by_department"]) == s["booked_postgres"]
     assert (tmp_path / "summary.json").exists() and (tmp_path / "spike_stats.csv").exists()
     assert {Path(p).name for p in s["plots"]} >= {"throughput.png", "latency.png",
                                                    "inventory_lag.png"}

@@ -127,6 +127,8 @@ async def decide_hold(
     cached_sold_out = api.soldout.hit(sid, slot)
     if cached_sold_out and idempotency_key is None:
         m.decision("hold", "sold-out-cached")
+        api.demand.note(sid, "tried", account)
+        api.demand.note(sid, "refused", account)
         return problem(_SOLD_OUT, MESSAGES[Reason.SOLD_OUT], instance=path,
                        server_ms=api.clock.now_ms())
     room = api.waiting
@@ -173,9 +175,13 @@ async def decide_hold(
         m.engine_call("hold", time.perf_counter() - t0)
     if isinstance(out, Held):
         m.decision("hold", "held")
+        api.demand.note(sid, "tried", account)
         body = HoldOut(out.hold_id, out.session_id, out.slot_id, out.unit,
                        out.expires_at_ms, out.server_ms, out.replay)
         return json_response(_encode(body), 201, _REPLAYED if out.replay else None)
+    if out.reason is Reason.SOLD_OUT:
+        api.demand.note(sid, "tried", account)
+        api.demand.note(sid, "refused", account)
     if out.reason is Reason.SOLD_OUT and not out.replay:  # a replay tells nothing new
         api.soldout.mark(sid, slot)
     elif out.reason is Reason.NOT_OPEN and out.release_at_ms is not None:

@@ -22,6 +22,8 @@ from api.problems import ProblemError
 from api.routes.auth import revoke_all
 from api.schemas import HOLD_ID_RE
 from api.trail import record
+from engine.stats import SessionStats, fold, totals
+from engine.stats import stats as day_stats
 from engine.store import refunds as rf
 from engine.store import staff as st
 
@@ -34,6 +36,18 @@ _FILTER = Annotated[str | None, Parameter(max_length=128, pattern=r"^[A-Za-z0-9_
 
 def _ms(t: dt.datetime | None) -> int | None:
     return None if t is None else (t - _EPOCH) // dt.timedelta(milliseconds=1)
+
+
+class StatsOut(msgspec.Struct, frozen=True):
+    """Statistics of the days ``from``..``to`` (see engine.stats)."""
+
+    date_from: str = msgspec.field(name="from")
+    date_to: str = msgspec.field(name="to")
+    hospital: str | None = None
+    sessions: list[SessionStats] = []
+    by_doctor: list[dict[str, Any]] = []
+    by_department: list[dict[str, Any]] = []
+    by_day: list[dict[str, Any]] = []
 
 
 class WhoAmI(msgspec.Struct, frozen=True):
@@ -131,6 +145,32 @@ class StaffController(Controller):
         until = await revoke_all(api, account_id, staff_of(request).id)
         await record(request, "account.revoke_tokens", account_id)
         return TokensRevokedOut(account_id, until * 1000)
+
+    @get("/stats", responses=errors(401, 403, 422), before_request=staff_required(
+        "operator", "finance"), summary="Statistics per day, department and doctor")
+    async def stats(
+        self,
+        request: Request[Any, Any, Any],
+        date_from: Annotated[dt.date, Parameter(query="from",
+                                                description="first day (YYYY-MM-DD)")],
+        date_to: Annotated[dt.date | None, Parameter(
+            query="to", description="last day (default: the first), at most a year on")] = None,
+        hospital: Annotated[str | None, Parameter(max_length=64)] = None,
+    ) -> StatsOut:
+        """What ``haoyuan stats --json`` prints (``engine.stats``): each
+        session's figures and their sums per doctor, department and day. The
+        demand Redis collected is moved into PostgreSQL first."""
+        api = api_of(request)
+        last = date_to or date_from
+        if last < date_from or (last - date_from).days > 366:
+            raise ProblemError.of("invalid-input", "to must not be before from, nor a year after",
+                                  instance=request.scope["path"])
+        async with api.pool.acquire() as conn:
+            await fold(api.engine, conn)
+        rows = await day_stats(api.pool, date_from=date_from, date_to=last, hospital=hospital)
+        return StatsOut(date_from.isoformat(), last.isoformat(), hospital, rows,
+                        totals(rows, ("date", "dept_id", "doctor_id")),
+                        totals(rows, ("date", "dept_id")), totals(rows, ("date",)))
 
     @get("/refunds", responses=errors(401, 403), before_request=staff_required("finance"),
          summary="Refunds due (or paid), oldest first")

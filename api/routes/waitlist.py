@@ -61,6 +61,7 @@ class WaitlistController(Controller):
                                instance=path, server_ms=out.server_ms or None)
             return refused(out, path)
         api.metrics.decision("waitlist", "waitlisted")
+        api.demand.note(session_id, "joined", account)
         api.availability_cache.forget("s:" + session_id)
         body = WaitlistOut(out.session_id, out.position, out.server_ms, out.replay)
         return json_response(_encode(body), 200 if out.replay else 201,

@@ -533,6 +533,7 @@ async def run_demo(*, quick: bool = False, json_only: bool = False,
         summary = _summary(stats, scale, specs, report, his_report, sampled,
                            len(crowd.wanting), release_at - t0, spike_end - t0, locust,
                            stopped=stopped, money={**money, **disrupted})
+        summary.update(await _day_stats(stack, date, http=locust is not None))
         if cluster:
             summary["redis"] = "cluster"
         if failover:
@@ -558,6 +559,25 @@ async def run_demo(*, quick: bool = False, json_only: bool = False,
     if not json_only:
         _print_report(summary)
     return summary
+
+
+async def _day_stats(stack: Stack, date: str, *, http: bool) -> dict[str, Any]:
+    """The day's statistics (``haoyuan stats``): ``unmet_demand`` (accounts
+    told "sold out" with no booking in that department-day at the end; the
+    API counts demand, so None when the crowd called the engine in process),
+    ``sold_out_ms`` per session (release to the first instant no unit was
+    free; None: never), and the figures per department."""
+    import datetime as dt
+
+    from engine.stats import fold, stats, totals
+
+    async with stack.pool.acquire() as conn:
+        await fold(stack.engine, conn)
+    day = dt.date.fromisoformat(date)
+    rows = await stats(stack.pool, date_from=day, date_to=day)
+    return {"unmet_demand": sum(r.unmet_demand for r in rows) if http else None,
+            "sold_out_ms": {r.session_id: r.sold_out_after_release_ms for r in rows},
+            "stats_by_department": totals(rows, ("date", "dept_id"))}
 
 
 async def _fail_over(stack: Stack, specs: list[SessionSpec], release_at: float, say: Any,
