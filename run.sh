@@ -14,6 +14,8 @@ need_os_packages() {
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server redis-tools)
   # wrk: the load generator of `./run.sh bench http|peers|peking` (not of the tests)
   if [ "${1:-}" = bench ]; then command -v wrk >/dev/null 2>&1 || missing+=(wrk); fi
+  # chromium: the ops dashboard's test drives a real browser (Debian's, headless)
+  if [ "${1:-}" = test ]; then command -v chromium >/dev/null 2>&1 || missing+=(chromium); fi
   if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
     missing+=(postgresql)
   fi

@@ -36,6 +36,7 @@ from api.routes.admin import AdminController
 from api.routes.auth import AuthController
 from api.routes.bookings import BookingController
 from api.routes.browse import AvailabilityController, CatalogController
+from api.routes.dashboard import DashboardController
 from api.routes.his import HisController
 from api.routes.holds import HoldController
 from api.routes.ops import OpsController, hello
@@ -65,7 +66,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     handlers: list[Any] = [AuthController, PatientController, CatalogController,
                            AvailabilityController, HoldController, BookingController,
                            WaitlistController, AdminController, RulesController, StaffController,
-                           OpsController, PaymentController, HisController, fhir_router()]
+                           OpsController, PaymentController, HisController, DashboardController,
+                           fhir_router()]
     if settings.bench_endpoints:
         handlers.append(hello)
     app = Litestar(

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, get, post
-from litestar.params import Parameter
+from litestar.params import Parameter, QueryParameter
 
 from api.context import api_of
 from api.docs import ADMIN, errors
@@ -151,10 +151,10 @@ class StaffController(Controller):
     async def stats(
         self,
         request: Request[Any, Any, Any],
-        date_from: Annotated[dt.date, Parameter(query="from",
-                                                description="first day (YYYY-MM-DD)")],
-        date_to: Annotated[dt.date | None, Parameter(
-            query="to", description="last day (default: the first), at most a year on")] = None,
+        date_from: Annotated[dt.date, QueryParameter(name="from",
+                                                     description="first day (YYYY-MM-DD)")],
+        date_to: Annotated[dt.date | None, QueryParameter(
+            name="to", description="last day (default: the first), at most a year on")] = None,
         hospital: Annotated[str | None, Parameter(max_length=64)] = None,
     ) -> StatsOut:
         """What ``haoyuan stats --json`` prints (``engine.stats``): each

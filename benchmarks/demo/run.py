@@ -456,6 +456,8 @@ async def run_demo(*, quick: bool = False, json_only: bool = False,
                         "notify_url": f"{api.url}/v1/his/notify",
                         "notify_token": stack.api_env["HAOYUAN_HIS_NOTIFY_TOKEN"]})
             say(f"API up at {api.url} (granian, 2 workers)")
+            say(f"ops dashboard, live: {api.url}/ops/#token="
+                f"{stack.api_env['HAOYUAN_ADMIN_TOKEN']}")
         lead_s = hscale.lead_s if hscale else scale.release_in_s
         server_ms = await stack.engine.server_time_ms()
         read_at = time.perf_counter()  # the release instant on this clock: read_at + lead_s
