@@ -87,6 +87,8 @@ REASONS: dict[Reason, Kind] = {
     # 503 with Retry-After: Redis lost state and `haoyuan rebuild` is putting
     # it back; nothing was decided, and the same request will work shortly.
     Reason.RECOVERING: _k(503, "recovering", "Sales are closed while the engine recovers"),
+    # 暂停放号: the hospital paused sales (bookings stand); they reopen later.
+    Reason.PAUSED: _k(409, "paused", "Sales of this session are paused"),
 }
 
 #: HTTP-level problems.

@@ -303,6 +303,22 @@ class Engine:
             return d.refused()
         return Suspended(session_id, d.cancelled, d.released, d.now)
 
+    async def pause(self, session_id: str, reason: str = "paused") -> Refused | None:
+        """Pause sales of a session (暂停放号): holds and waitlist joins answer
+        ``paused`` until ``resume``; bookings and holds stand. None when
+        paused; a refusal for an unknown or suspended (停诊) session."""
+        ref = await self.ref(session_id)
+        if ref is None:
+            return await self._not_found("session")
+        d = await self.runner.call(R.PAUSE_SESSION, [ref.keys.meta], [reason, self._off])
+        return None if d.ok else d.refused()
+
+    async def dept_day_sessions(self, dept: str, date: str) -> list[str]:
+        """The sessions of a department-day that Redis has."""
+        p = K.partition_of(dept, date)
+        return sorted(_txt(s) for s in await self.client.smembers(
+            K.PartitionKeys(p).dept_day(dept, date)))
+
     async def resume(self, session_id: str) -> bool:
         ref = await self.ref(session_id)
         if ref is None:

@@ -29,6 +29,7 @@ class Code(enum.IntEnum):
     LIMIT_REACHED = -13
     WAITLIST_FULL = -14
     RECOVERING = -15
+    PAUSED = -16
 
 
 class Reason(enum.StrEnum):
@@ -47,6 +48,7 @@ class Reason(enum.StrEnum):
     LIMIT_REACHED = "limit-reached"
     WAITLIST_FULL = "waitlist-full"
     RECOVERING = "recovering"
+    PAUSED = "paused"
 
 
 REASON_OF_CODE: dict[int, Reason] = {
@@ -65,6 +67,7 @@ REASON_OF_CODE: dict[int, Reason] = {
     Code.LIMIT_REACHED: Reason.LIMIT_REACHED,
     Code.WAITLIST_FULL: Reason.WAITLIST_FULL,
     Code.RECOVERING: Reason.RECOVERING,
+    Code.PAUSED: Reason.PAUSED,
 }
 
 MESSAGES: dict[Reason, str] = {
@@ -83,6 +86,7 @@ MESSAGES: dict[Reason, str] = {
     Reason.LIMIT_REACHED: "this patient has reached the hospital's limit of active bookings",
     Reason.WAITLIST_FULL: "the waitlist of this session is full",
     Reason.RECOVERING: "sales are closed while the engine recovers its state; retry shortly",
+    Reason.PAUSED: "sales of this session are paused (暂停放号); come back later",
 }
 
 

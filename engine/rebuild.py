@@ -164,6 +164,8 @@ async def rebuild_session(engine: Engine, pool: Any, session_id: str) -> Rebuild
         await engine.raise_sequence(max(every_id, key=lambda i: int(i.rsplit(".", 1)[1])))
     if status == "suspended" and await engine.session_status(session_id) != "suspended":
         await engine.suspend(session_id, "suspended")
+    elif status == "paused" and await engine.session_status(session_id) != "paused":
+        await engine.pause(session_id, "paused")
     return RebuildReport(session_id, restored, already, failed, kept, loaded.partition)
 
 

@@ -89,7 +89,8 @@ local function refund(r, reason)
 end
 
 if rec.st == 'h' and rec.dl > now then
-  if cfg.status == 'open' then return book(rec, 0) end
+  -- A hold taken before a pause (暂停放号) is still paid for and booked.
+  if cfg.status == 'open' or cfg.status == 'paused' then return book(rec, 0) end
   -- Suspended while the patient paid: the unit goes back, the money back too.
   drop_rule(k.rule, rec)
   rcall('ZREM', k.dl, id)
@@ -106,6 +107,7 @@ if rec.st == 'h' then
 end
 
 -- The hold has ended (expired or released); the patient paid anyway.
+if cfg.status == 'paused' then return refund(rec, 'paused') end
 if cfg.status ~= 'open' then return refund(rec, 'suspended') end
 local prior = rcall('HGET', k.rule, rec.pat)
 if prior and prior ~= id and is_active(k.recs, prior, now) then

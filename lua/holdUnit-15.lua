@@ -31,8 +31,8 @@
              decided: pressing early gains nothing. (Clamped to now.)
   Output: JSON {o = OK, id, sid, slot, unit, dl, now} or a refusal
           {o = code, now, ...}; a replay carries rp = 1. RECOVERING (the
-          partition's marker is gone), RATE_LIMITED and NOT_OPEN say "come
-          back later" and are never remembered under the idempotency key.
+          partition's marker is gone), PAUSED, RATE_LIMITED and NOT_OPEN say
+          "come back later" and are never remembered under the idempotency key.
 ]]
 -- @include codes
 -- @include answers
@@ -100,6 +100,8 @@ gcra_commit(KEYS[15], now, p_tat)
 local cfg, x = settings(k, 'release_ms', 'i:' .. slot, 'night_from_min', 'night_to_min', 'tz_min')
 if cfg.status == false then return remember({o = NOT_FOUND, now = now, what = 'session'}) end
 if x[2] == false then return remember({o = NOT_FOUND, now = now, what = 'slot'}) end
+-- Paused (暂停放号) says "come back later": never remembered under the key.
+if cfg.status == 'paused' then return reply({o = PAUSED, now = now}) end
 if cfg.status ~= 'open' then return remember({o = SUSPENDED, now = now}) end
 local release_ms, cutoff_ms = tonumber(x[1]), cfg.cutoff_ms
 if arrived < release_ms then

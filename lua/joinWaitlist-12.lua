@@ -31,6 +31,7 @@ if recovering(k) then return reply({o = RECOVERING, now = now}) end
 local s = rcall('HMGET', k.meta, 'status', 'release_ms', 'cutoff_ms', 'waitlist_ttl_ms',
                 'waitlist_max', 'slots', 'pool_return_ms')
 if s[1] == false then return reply({o = NOT_FOUND, now = now, what = 'session'}) end
+if s[1] == 'paused' then return reply({o = PAUSED, now = now}) end
 if s[1] ~= 'open' then return reply({o = SUSPENDED, now = now}) end
 if tonumber(s[4]) <= 0 then return reply({o = INVALID_STATE, now = now, st = 'no_waitlist'}) end
 if now < tonumber(s[2]) then return reply({o = NOT_OPEN, now = now, release_ms = tonumber(s[2])}) end

@@ -1,6 +1,7 @@
 #!lua
 --[[
-  Reopen a suspended session for booking (the doctor is back).
+  Reopen a suspended (the doctor is back) or paused (暂停放号) session for
+  booking.
 
   Input:
     KEYS[1] session hash  hy:{p}:s:<sid>
@@ -13,5 +14,5 @@
 local now = server_now(ARGV[1])
 if rcall('EXISTS', KEYS[1]) == 0 then return reply({o = NOT_FOUND, now = now, what = 'session'}) end
 rcall('HSET', KEYS[1], 'status', 'open')
-rcall('HDEL', KEYS[1], 'suspend_reason')
+rcall('HDEL', KEYS[1], 'suspend_reason', 'pause_reason')
 return reply({o = OK, now = now})

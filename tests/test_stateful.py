@@ -194,7 +194,8 @@ class EngineMachine(RuleBasedStateMachine):
         self._now(r.server_ms)
         m = self.m
         if m.status != "open":
-            assert isinstance(r, Refused) and r.reason is Reason.SUSPENDED
+            want = Reason.PAUSED if m.status == "paused" else Reason.SUSPENDED
+            assert isinstance(r, Refused) and r.reason is want, r
             return
         m.expire_all()
         prior = m.rule.get(pat)
@@ -225,7 +226,8 @@ class EngineMachine(RuleBasedStateMachine):
         self._now(r.server_ms)
         m = self.m
         if m.status != "open":
-            assert isinstance(r, Refused) and r.reason is Reason.SUSPENDED
+            want = Reason.PAUSED if m.status == "paused" else Reason.SUSPENDED
+            assert isinstance(r, Refused) and r.reason is want, r
         elif pat in m.waitlist:
             assert isinstance(r, Waitlisted) and r.replay
             assert r.position == m.waitlist.index(pat) + 1
@@ -260,7 +262,7 @@ class EngineMachine(RuleBasedStateMachine):
                 assert isinstance(r, Refused) and r.reason is Reason.INVALID_STATE
                 return
             if rec.st == "h" and rec.dl > m.now:
-                if m.status == "open":
+                if m.status in ("open", "paused"):  # a hold from before a pause is booked
                     assert isinstance(r, Booked) and not r.late and r.unit == rec.unit, r
                     rec.st = "b"
                     return
@@ -370,6 +372,16 @@ class EngineMachine(RuleBasedStateMachine):
     def resume(self) -> None:
         assert self.run(self.eng.resume("S1"))
         self.m.status = "open"
+
+    @rule()
+    def pause(self) -> None:
+        """暂停放号: no new holds, joins or offers; bookings and holds stand."""
+        r = self.run(self.eng.pause("S1", "paused"))
+        if self.m.status == "suspended":
+            assert isinstance(r, Refused) and r.reason is Reason.INVALID_STATE, r
+        else:
+            assert r is None
+            self.m.status = "paused"
 
     @rule(slot=st.sampled_from(SLOTS), cap=st.integers(min_value=0, max_value=4))
     def capacity(self, slot: str, cap: int) -> None:

@@ -47,6 +47,7 @@ _decode = msgspec.json.Decoder(Problem).decode
 ISSUE_TYPES: dict[str, str] = {
     "sold-out": "business-rule", "not-open": "business-rule", "closed": "business-rule",
     "suspended": "business-rule", "expired": "business-rule", "banned": "business-rule",
+    "paused": "business-rule", "waiting-room": "throttled",
     "cancel-deadline": "business-rule", "limit-reached": "business-rule",
     "invalid-state": "business-rule", "waitlist-full": "business-rule",
     "amount-mismatch": "business-rule", "idempotency-mismatch": "conflict",

@@ -5,6 +5,7 @@ resume a session (operator), look up a booking (any staff), run the audit
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Annotated, Any
 
 import msgspec
@@ -39,6 +40,14 @@ class SuspendedOut(msgspec.Struct, frozen=True):
 class ResumedOut(msgspec.Struct, frozen=True):
     session_id: str
     status: str = "open"
+
+
+class PausedOut(msgspec.Struct, frozen=True):
+    sessions: list[str]
+    status: str = "paused"
+
+
+_SAFE = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
 
 
 class AuditBreach(msgspec.Struct, frozen=True):
@@ -171,7 +180,7 @@ class AdminController(Controller):
 
     @post("/sessions/{session_id:str}/resume", status_code=200, before_request=_OPERATOR,
           responses=errors(401, 403, 404),
-          summary="Reopen a suspended session")
+          summary="Reopen a suspended or paused session")
     async def resume(self, request: Request[Any, Any, Any], session_id: str) -> ResumedOut:
         api = api_of(request)
         if not await api.engine.resume(session_id):
@@ -181,6 +190,72 @@ class AdminController(Controller):
         api.availability_cache.forget("s:" + session_id)
         api.catalog_cache.clear()
         return ResumedOut(session_id)
+
+    @post("/sessions/{session_id:str}/pause", status_code=200, before_request=_OPERATOR,
+          responses=errors(401, 403, 404, 409, 422), summary="Pause sales of a session (暂停放号)")
+    async def pause(self, request: Request[Any, Any, Any], session_id: str,
+                    data: SuspendIn) -> PausedOut:
+        """No new holds or waitlist joins (they answer 409 ``paused``) until
+        ``/resume``; bookings and holds stand. 409 ``invalid-state`` for a
+        suspended (停诊) session."""
+        api = api_of(request)
+        out = await api.engine.pause(session_id, data.reason)
+        if out is not None:
+            raise ProblemError(refused(out, request.scope["path"]))
+        await q.set_session_status(api.pool, session_id, "paused")
+        await record(request, "session.pause", session_id, reason=data.reason)
+        self._forget(api, session_id)
+        return PausedOut([session_id])
+
+    @post("/departments/{dept_id:str}/days/{date:str}/pause", status_code=200,
+          before_request=_OPERATOR, responses=errors(401, 403, 404, 422),
+          summary="Pause sales of every session of a department-day (暂停放号)")
+    async def pause_day(self, request: Request[Any, Any, Any], dept_id: str, date: str,
+                        data: SuspendIn) -> PausedOut:
+        """Every open session of the department-day; suspended ones stay as
+        they are. 404 if the department-day has no session."""
+        api = api_of(request)
+        sids = await api.engine.dept_day_sessions(dept_id, date) if _SAFE.fullmatch(
+            dept_id) and _SAFE.fullmatch(date) else []
+        if not sids:
+            raise ProblemError.of("not-found", "no session that department-day",
+                                  instance=request.scope["path"])
+        paused = []
+        for sid in sids:
+            if await api.engine.pause(sid, data.reason) is None:
+                await q.set_session_status(api.pool, sid, "paused")
+                self._forget(api, sid)
+                paused.append(sid)
+        await record(request, "dept_day.pause", f"{dept_id}/{date}", reason=data.reason,
+                     sessions=paused)
+        return PausedOut(paused)
+
+    @post("/departments/{dept_id:str}/days/{date:str}/resume", status_code=200,
+          before_request=_OPERATOR, responses=errors(401, 403, 404),
+          summary="Reopen the paused sessions of a department-day")
+    async def resume_day(self, request: Request[Any, Any, Any], dept_id: str,
+                         date: str) -> PausedOut:
+        api = api_of(request)
+        sids = await api.engine.dept_day_sessions(dept_id, date) if _SAFE.fullmatch(
+            dept_id) and _SAFE.fullmatch(date) else []
+        if not sids:
+            raise ProblemError.of("not-found", "no session that department-day",
+                                  instance=request.scope["path"])
+        resumed = []
+        for sid in sids:
+            if await api.engine.session_status(sid) == "paused" and await api.engine.resume(sid):
+                await q.set_session_status(api.pool, sid, "open")
+                self._forget(api, sid)
+                resumed.append(sid)
+        await record(request, "dept_day.resume", f"{dept_id}/{date}", sessions=resumed)
+        return PausedOut(resumed, status="open")
+
+    @staticmethod
+    def _forget(api: Any, session_id: str) -> None:
+        api.availability_cache.forget("s:" + session_id)
+        api.soldout.clear(session_id)
+        api.release_times.forget(session_id)
+        api.catalog_cache.clear()
 
     @get("/bookings/{booking_id:str}", responses=errors(401, 404),
          summary="Look up any booking or hold")

@@ -154,7 +154,9 @@ async def start_stack(*, say: Any, cluster: bool = False) -> AsyncIterator[Stack
             stack = Stack(redis_url, pg_dsn, his_url, eng, pool,
                           cluster=started[0] if cluster else None, pay_url=paysim.url, wx=wx,
                           his_sim=his_sim,
-                          api_env={**wxpay_env(wxcfg), "HAOYUAN_HIS_NOTIFY_TOKEN": notify_token})
+                          api_env={**wxpay_env(wxcfg), "HAOYUAN_HIS_NOTIFY_TOKEN": notify_token,
+                                   # the ops dashboard's link (a staff token of the demo)
+                                   "HAOYUAN_ADMIN_TOKEN": secrets.token_urlsafe(24)})
             writer = OutboxWriter(eng, pool, WriterConfig(block_ms=50))
             his = FhirHisClient(his_url, timeout=2.0)
             fwd = HisForwarder(eng, pool, his, ForwarderConfig(), crypto=crypto)

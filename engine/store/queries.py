@@ -254,9 +254,10 @@ def _clock(text: str) -> dt.time | None:
 
 
 async def set_session_status(
-    db: Queryable, session_id: str, status: Literal["open", "suspended"]
+    db: Queryable, session_id: str, status: Literal["open", "suspended", "paused"]
 ) -> bool:
-    """Record a session's status (停诊 = suspended); False if the session is unknown."""
+    """Record a session's status (停诊 = suspended, 暂停放号 = paused); False if
+    the session is unknown."""
     tag = await db.execute(
         "UPDATE sessions SET status = $2, updated_at = now() WHERE id = $1", session_id, status
     )

@@ -16,3 +16,4 @@ local BANNED = -12
 local LIMIT_REACHED = -13
 local WAITLIST_FULL = -14
 local RECOVERING = -15
+local PAUSED = -16
