@@ -189,6 +189,34 @@ class HoldView(msgspec.Struct, frozen=True, kw_only=True):
     fee: int | None = None
 
 
+class MyHold(msgspec.Struct, frozen=True, kw_only=True):
+    """A live hold of the account: pay before ``expires_at_ms``."""
+
+    hold_id: str
+    session_id: str
+    slot_id: str
+    unit: int
+    expires_at_ms: int
+    fee: int | None = None
+    #: Made for the account by the waitlist (候补): a unit came back.
+    offer: bool = False
+    patient_id: str | None = None
+
+
+class MyPlace(msgspec.Struct, frozen=True, kw_only=True):
+    """A place in a session's waitlist."""
+
+    session_id: str
+    position: int
+    patient_id: str | None = None
+
+
+class MineOut(msgspec.Struct, frozen=True, kw_only=True):
+    server_ms: int
+    holds: list[MyHold]
+    waitlist: list[MyPlace]
+
+
 class PaymentIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     payment_ref: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
     amount: Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]

@@ -41,6 +41,7 @@ from engine.outcomes import (
     Held,
     Loaded,
     Record,
+    RecordState,
     Refused,
     Released,
     Restore,
@@ -658,6 +659,48 @@ class Engine:
         p = K.partition_of_record(record_id)
         seq = record_id.rsplit(".", 1)[1]
         return bool(await self.runner.call(R.RAISE_SEQUENCE, [K.PartitionKeys(p).seq], [seq]))
+
+    async def note_mine(self, account: str, *entries: str, ttl_s: int = 2 * 86_400) -> None:
+        """Index what an account has going: a hold or offer id, or a waitlist
+        place ``w:<session>:<patient ref>``. A display index, not a decision:
+        ``mine`` reads each entry's real state and drops what has ended."""
+        if not entries:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        pipe.sadd(K.mine(account), *entries)
+        pipe.expire(K.mine(account), ttl_s)
+        await pipe.execute()
+
+    async def mine(self, account: str) -> tuple[list[Record], list[tuple[str, str, int]]]:
+        """The account's live holds (waitlist offers included) and its
+        waitlist places ``(session, patient ref, position)``, from the index
+        ``note_mine`` keeps; entries that have ended leave the index."""
+        key = K.mine(account)
+        now = await self.server_time_ms()
+        holds: list[Record] = []
+        places: list[tuple[str, str, int]] = []
+        gone: list[str] = []
+        for raw in sorted(await self.client.smembers(key)):
+            entry = _txt(raw)
+            if entry.startswith("w:"):
+                _, sid, pat = entry.split(":", 2)
+                ref = await self.ref(sid)
+                rank: Any = None if ref is None else await self.client.zrank(
+                    ref.keys.waitlist, f"{pat}|{account}")
+                if isinstance(rank, int):
+                    places.append((sid, pat, rank + 1))
+                else:
+                    gone.append(entry)
+                continue
+            rec = await self.record(entry)
+            if rec is None or rec.account != account or rec.state is not RecordState.HELD \
+                    or rec.deadline_ms <= now:
+                gone.append(entry)
+            else:
+                holds.append(rec)
+        if gone:
+            await self.client.srem(key, *gone)
+        return holds, places
 
     async def record(self, record_id: str) -> Record | None:
         """The stored hold/booking record (state and owner), or None."""

@@ -118,6 +118,12 @@ def binding_mirror(account: str) -> str:
     return f"{PREFIX}:pb:{account}"
 
 
+def mine(account: str) -> str:
+    """What an account has going (``Engine.note_mine``): its holds, waitlist
+    offers and waitlist places, for GET /v1/holds; untagged, like the mirror."""
+    return f"{PREFIX}:mine:{account}"
+
+
 def limiter(kind: str, client: str) -> str:
     """A per-client limiter (``limitAttempts``): ``kind`` of attempt, keyed client hash."""
     return f"{PREFIX}:lim:{kind}:{client}"

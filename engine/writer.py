@@ -358,6 +358,12 @@ class OutboxWriter:
             await self._compensate(ev, winner)
         for stream, eid, payload, err in poison:
             await self._dead_letter(stream, eid, payload, err, deliveries=1)
+        # A waitlist offer is a hold made for someone else: the patient's
+        # account finds it in GET /v1/holds (before the ack: at least once).
+        for _s, _e, ev in decoded:
+            if isinstance(ev, WaitlistOffer):
+                with contextlib.suppress(Exception):
+                    await self.engine.note_mine(ev.acct, ev.id)
         await self._ack([(s, e) for s, e, _ in decoded])
         self.written += len(decoded)
         for _s, _e, ev in decoded:

@@ -24,6 +24,7 @@ included) sees a revoked token at once.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Annotated, Any
@@ -39,7 +40,18 @@ from api.docs import ACCOUNT, PAYMENT, errors
 from api.guards import account_of, account_required, bearer_of, payment_signed
 from api.paying import PaymentRefused, confirm_paid
 from api.problems import REASONS, ProblemError, json_response, problem, refused, retry_after
-from api.schemas import HOLD_ID_RE, BookingOut, HoldIn, HoldOut, HoldView, PaymentIn, ReleasedOut
+from api.schemas import (
+    HOLD_ID_RE,
+    BookingOut,
+    HoldIn,
+    HoldOut,
+    HoldView,
+    MineOut,
+    MyHold,
+    MyPlace,
+    PaymentIn,
+    ReleasedOut,
+)
 from api.waiting import Ticket
 from engine.outcomes import MESSAGES, Held, Reason, Record, RecordState, Refused
 
@@ -176,6 +188,8 @@ async def decide_hold(
     if isinstance(out, Held):
         m.decision("hold", "held")
         api.demand.note(sid, "tried", account)
+        with contextlib.suppress(Exception):  # a display index: never the hold's answer
+            await api.engine.note_mine(account, out.hold_id)
         body = HoldOut(out.hold_id, out.session_id, out.slot_id, out.unit,
                        out.expires_at_ms, out.server_ms, out.replay)
         return json_response(_encode(body), 201, _REPLAYED if out.replay else None)
@@ -252,6 +266,28 @@ class HoldController(Controller):
         return await decide_hold(api_of(request), bearer_of(request), data, idempotency_key,
                                  scope["path"], arrived_ms=scope.get(ARRIVED),
                                  ticket=waiting_ticket)
+
+    @get("/", before_request=account_required, security=ACCOUNT, responses=errors(401),
+         summary="The account's live holds (waitlist offers included) and waitlist places")
+    async def mine(self, request: Request[Any, Any, Any]) -> MineOut:
+        """Each hold with its payment deadline (``offer`` for one the
+        waitlist made, to pay before ``expires_at_ms``), and each waitlist
+        place with its position. Holds that ended and places that were
+        offered or left are not listed."""
+        api = api_of(request)
+        account = account_of(request)
+        holds, places = await api.engine.mine(account)
+        rows = await api.pool.fetch("SELECT id, id_hash FROM patients WHERE account_id = $1"
+                                    " AND unbound_at IS NULL", account)
+        pid = {r["id_hash"]: str(r["id"]) for r in rows}
+        return MineOut(
+            server_ms=api.clock.now_ms(),
+            holds=[MyHold(hold_id=h.id, session_id=h.session_id, slot_id=h.slot_id,
+                          unit=h.unit, expires_at_ms=h.deadline_ms, fee=h.fee,
+                          offer=bool(h.waitlist_offer), patient_id=pid.get(h.patient))
+                   for h in sorted(holds, key=lambda h: h.deadline_ms)],
+            waitlist=[MyPlace(session_id=s, position=n, patient_id=pid.get(p))
+                      for s, p, n in places])
 
     @get("/{hold_id:str}", before_request=account_required, security=ACCOUNT,
          responses=errors(401, 404), summary="One of the account's holds")

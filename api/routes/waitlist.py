@@ -62,6 +62,7 @@ class WaitlistController(Controller):
             return refused(out, path)
         api.metrics.decision("waitlist", "waitlisted")
         api.demand.note(session_id, "joined", account)
+        await api.engine.note_mine(account, f"w:{session_id}:{patient}")
         api.availability_cache.forget("s:" + session_id)
         body = WaitlistOut(out.session_id, out.position, out.server_ms, out.replay)
         return json_response(_encode(body), 200 if out.replay else 201,
