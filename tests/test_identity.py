@@ -375,12 +375,14 @@ async def test_logout_and_revocation(client: Client, app: Litestar) -> None:
 
 
 async def test_revocations_and_unbinds_reach_every_worker_at_once(
-    redis_url: str, db: str, fresh_redis: Any
+    redis_url: str, fresh_pg_dsn: str, fresh_redis: Any
 ) -> None:
     """Two granian workers, every request on its own connection (so both
     workers answer): a logout, an unbind and a revoked binding fail at once
-    on every worker, with no time for a per-worker cache to expire."""
-    env = server_env(redis_url, db, HAOYUAN_PATIENT_RATE_PER_S="0",
+    on every worker, with no time for a per-worker cache to expire. (A
+    database of its own: Redis was just emptied, and partitions the module's
+    database knows would rightly stay closed as "recovering".)"""
+    env = server_env(redis_url, fresh_pg_dsn, HAOYUAN_PATIENT_RATE_PER_S="0",
                      HAOYUAN_ACCOUNT_RATE_PER_S="0")
     with granian(env, workers=2) as base:
         async with httpx.AsyncClient(base_url=base, timeout=10) as hc:
