@@ -39,6 +39,7 @@ from api.routes.browse import AvailabilityController, CatalogController
 from api.routes.dashboard import DashboardController
 from api.routes.his import HisController
 from api.routes.holds import HoldController
+from api.routes.notifications import NotificationController
 from api.routes.ops import OpsController, hello
 from api.routes.patients import PatientController
 from api.routes.payments import PaymentController
@@ -67,7 +68,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                            AvailabilityController, HoldController, BookingController,
                            WaitlistController, AdminController, RulesController, StaffController,
                            OpsController, PaymentController, HisController, DashboardController,
-                           fhir_router()]
+                           NotificationController, fhir_router()]
     if settings.bench_endpoints:
         handlers.append(hello)
     app = Litestar(

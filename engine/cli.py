@@ -245,6 +245,40 @@ async def _forwarder(a: argparse.Namespace) -> int:
     return 0
 
 
+async def _notifier(a: argparse.Namespace) -> int:
+    import asyncpg
+
+    from engine.notify.config import notifiers_from_env
+    from engine.notify.worker import Notifications, NotifyConfig
+    from engine.pii import is_development, worker_crypto
+
+    # It decrypts the openid and the phone to send: production refuses weak keys.
+    crypto = worker_crypto(worker="notifier")
+    notifiers = notifiers_from_env(os.environ, development=is_development())
+    try:
+        quiet_from, _, quiet_to = a.quiet_hours.partition("-")
+        q0, q1 = int(quiet_from) * 60, int(quiet_to) * 60
+        if not (0 <= q0 < 1440 and 0 <= q1 < 1440):
+            raise ValueError
+    except ValueError:
+        print("haoyuan notifier: --quiet-hours is FROM-TO in whole hours, e.g. 22-7",
+              file=sys.stderr)
+        return 2
+    pool = await asyncpg.create_pool(a.pg_dsn, min_size=1, max_size=4)
+    try:
+        n = Notifications(pool, crypto, notifiers, NotifyConfig(
+            batch_size=a.batch_size, reminder_lead_s=a.reminder_lead_hours * 3600,
+            quiet_from_min=q0, quiet_to_min=q1, lease_s=a.lease))
+        await n.run(_stop_event(), burst=a.burst)
+        print(json.dumps({"planned": n.planned, "sent": n.sent, "failed": n.failed,
+                          "skipped": n.skipped, "retried": n.retried}))
+    finally:
+        for notifier in notifiers.values():
+            await notifier.aclose()
+        await pool.close()
+    return 0
+
+
 def _wxpay(worker: str) -> Any:
     """WeChat Pay from HAOYUAN_WXPAY_*; production refuses weak or missing keys."""
     from engine.config import ConfigError
@@ -731,7 +765,8 @@ def _conn(p: argparse.ArgumentParser, *, pg: bool = True, his: bool = False,
 SyncOrAsync = Callable[[argparse.Namespace], Any]
 COMMANDS: dict[str, SyncOrAsync] = {}
 #: The long-running workers (the API and serve log their own start).
-WORKERS = frozenset({"writer", "forwarder", "refunds", "sweeper", "scheduler", "publish"})
+WORKERS = frozenset({"writer", "forwarder", "refunds", "sweeper", "scheduler", "publish",
+                     "notifier"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -808,6 +843,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the refund orders per state (JSON) and stop")
     p.add_argument("--retry", metavar="OUT_REFUND_NO",
                    help="re-arm a refund left for finance (failed past its attempts) and stop")
+
+    p = cmd("notifier", _notifier, "the notifier: booking confirmed, waitlist offers, offers "
+            "passed on, 停诊, cancellations, refunds and visit reminders -> WeChat subscribe "
+            "messages (with the user's consent) or SMS; settings HAOYUAN_NOTIFY_*")
+    p.add_argument("--pg-dsn", default=Connections.from_env().pg_dsn,
+                   help="PostgreSQL; $HAOYUAN_PG_DSN")
+    p.add_argument("--burst", action="store_true",
+                   help="stop once nothing is left to plan or send now")
+    p.add_argument("--batch-size", type=int, default=100, help="events or messages per step")
+    p.add_argument("--reminder-lead-hours", type=float, default=24.0,
+                   help="hours before the visit that the reminder goes")
+    p.add_argument("--quiet-hours", default="22-7",
+                   help="no reminder between these local hours (FROM-TO, e.g. 22-7)")
+    p.add_argument("--lease", type=float, default=30.0,
+                   help="seconds a message being sent is left alone (a killed worker's)")
 
     p = cmd("reconcile", _reconcile, "daily reconciliation (对账): the provider's statement vs "
             "the payments ledger, bookings and refunds; exit 1 on any mismatch")

@@ -13,6 +13,7 @@ import msgspec
 __all__ = [
     "Booked",
     "Cancelled",
+    "OfferLapsed",
     "OutboxEvent",
     "RefundDue",
     "WaitlistClosed",
@@ -62,6 +63,10 @@ class WaitlistClosed(_Event, frozen=True, tag="waitlist_closed"):
     """A waiter's place ended without an offer (cut-off or suspension)."""
 
 
-OutboxEvent = Booked | Cancelled | RefundDue | WaitlistOffer | WaitlistClosed
+class OfferLapsed(_Event, frozen=True, tag="offer_lapsed"):
+    """A waitlist offer expired unpaid: the unit passed on (to the next waiter)."""
+
+
+OutboxEvent = Booked | Cancelled | RefundDue | WaitlistOffer | WaitlistClosed | OfferLapsed
 
 decode_event = msgspec.json.Decoder(OutboxEvent).decode

@@ -33,6 +33,7 @@ from engine.engine import Engine, _txt
 from engine.events import (
     Booked,
     Cancelled,
+    OfferLapsed,
     OutboxEvent,
     RefundDue,
     WaitlistClosed,
@@ -468,7 +469,7 @@ class OutboxWriter:
                 await store.record_cancelled(conn, ev, eid)
             case RefundDue():
                 await store.record_refund_due(conn, ev, eid)
-            case WaitlistOffer() | WaitlistClosed():
+            case WaitlistOffer() | WaitlistClosed() | OfferLapsed():
                 pass  # the notification itself: in the history below
         await store.record_event(conn, ev, eid)
         return result

@@ -64,6 +64,8 @@ class AuthController(Controller):
             if wait:
                 raise ProblemError(too_many_attempts(path, wait))
             account = await q.create_account(api.pool, openid_hash)
+        # The openid, encrypted, for the notifier's WeChat messages (once).
+        await q.store_openid(api.pool, api.crypto, account, openid)
         # A token must outlive a "log out everywhere" made in this same second.
         now = time.time()
         try:

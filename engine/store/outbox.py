@@ -122,7 +122,10 @@ async def record_refund_due(conn: Any, ev: RefundDue, eid: str) -> None:
 async def record_event(conn: Any, ev: OutboxEvent, eid: str) -> None:
     """The status history: one row per outbox entry."""
     await conn.execute(
-        "INSERT INTO booking_events (booking_id, event_type, reason, at, stream_id)"
-        " VALUES ($1,$2,$3,$4,$5) ON CONFLICT (booking_id, stream_id) DO NOTHING",
-        ev.id, ev.kind, ev.rsn or None, _ts(ev.at), eid,
+        "INSERT INTO booking_events (booking_id, event_type, reason, at, stream_id,"
+        " account_id, patient_ref, session_id, slot_id, unit, deadline_at)"
+        " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)"
+        " ON CONFLICT (booking_id, stream_id) DO NOTHING",
+        ev.id, ev.kind, ev.rsn or None, _ts(ev.at), eid, ev.acct or None, ev.pat or None,
+        ev.sid or None, ev.slot or None, ev.unit or None, _ts(ev.dl) if ev.dl else None,
     )

@@ -49,6 +49,7 @@ __all__ = [
     "lock_id",
     "record_audit_run",
     "set_session_status",
+    "store_openid",
     "unbind_patient",
     "upsert_schedule",
 ]
@@ -272,6 +273,17 @@ async def find_account(db: Queryable, openid_hash: str) -> str | None:
     got: str | None = await db.fetchval(
         "SELECT id FROM accounts WHERE openid_hash = $1", openid_hash)
     return got
+
+
+async def store_openid(db: Queryable, crypto: Any, account_id: str, openid: str) -> None:
+    """The account's openid, encrypted (AAD: accounts.openid_enc and the
+    account), where it is not stored yet: the WeChat subscribe message is
+    sent to it (engine.notify). A no-op once stored."""
+    await db.execute(
+        "UPDATE accounts SET openid_enc = $2, openid_key_id = $3 WHERE id = $1"
+        " AND openid_enc IS NULL", account_id,
+        crypto.encrypt(openid, table="accounts", column="openid_enc", row_id=account_id),
+        crypto.active_key_id)
 
 
 async def create_account(db: Queryable, openid_hash: str) -> str:

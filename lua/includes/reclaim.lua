@@ -1,5 +1,6 @@
 -- @include records
 -- @include giveBack
+-- @include outbox
 -- Reclaim expired holds of one session: each goes back once (to the
 -- waitlist head, after the anti-scalper delay, or free).
 local function expire_one(k, cfg, id, now, rnd)
@@ -10,6 +11,8 @@ local function expire_one(k, cfg, id, now, rnd)
     return 0
   end
   end_record(k, rec, 'x', now)
+  -- A waitlist offer nobody paid for: its patient is told it passed on.
+  if rec.wl == 1 then outbox(k.outbox, event_of('offer_lapsed', rec, now, 'expired')) end
   give_back(k, cfg, rec, now, rnd)
   return 1
 end
