@@ -137,13 +137,13 @@ class WaitingRoom:
 
     def ticket(self, account: str, line: LineReply) -> Ticket:
         """The ticket of a place ``takeTicket`` gave."""
-        ahead = max(0, math.ceil(line.pos - line.served))
+        ahead = max(0, math.ceil(line.pos - 1 - line.served))
         return Ticket(self.encode(account, line.pos, line.due), line.pos, ahead,
                       max(100, line.due - line.now), due=line.due <= line.now)
 
     def current(self, token: str, position: int, due_ms: int, now_ms: int) -> Ticket:
         """The ticket a waiting client came with, and its wait as it stands now."""
-        ahead = max(0, math.ceil(position - self.served_now()))
+        ahead = max(0, math.ceil(position - 1 - self.served_now()))
         return Ticket(token, position, ahead, max(100, due_ms - now_ms))
 
     def check(self, account: str, token: str | None, now_ms: int) -> Admission:
