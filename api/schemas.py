@@ -271,6 +271,32 @@ class CancelledOut(msgspec.Struct, frozen=True):
     replay: bool = False
 
 
+class RescheduleIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Where to move the booking: another session or slot (改约)."""
+
+    session_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    slot_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class RescheduledOut(msgspec.Struct, frozen=True, kw_only=True):
+    """The new booking, paid by the old one's payment; the old one is cancelled."""
+
+    booking_id: str
+    previous_id: str
+    session_id: str
+    slot_id: str
+    unit: int
+    fee: int
+    previous_fee: int
+    #: What the patient owes (positive) or is owed (negative): finance
+    #: settles it (a recorded fee adjustment).
+    fee_difference: int
+    #: Inside a day of the old visit: counted as a late cancel.
+    late: bool
+    server_ms: int
+    replay: bool = False
+
+
 class WaitlistIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     patient_id: Uuid
 

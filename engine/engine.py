@@ -34,16 +34,19 @@ from engine.config import EngineConfig
 from engine.conservation import audit_snapshot
 from engine.model import SessionSpec
 from engine.outcomes import (
+    MESSAGES,
     Availability,
     Booked,
     Cancelled,
     Code,
     Held,
     Loaded,
+    Reason,
     Record,
     RecordState,
     Refused,
     Released,
+    Rescheduled,
     Restore,
     SessionAudit,
     SessionAvailability,
@@ -338,6 +341,7 @@ class Engine:
         idempotency_key: str | None = None,
         channel: str = "app",
         arrived_ms: int = 0,
+        reservation: str | None = None,
     ) -> Held | Refused:
         """Hold the lowest free unit of a slot for a patient.
 
@@ -347,7 +351,10 @@ class Engine:
         up, so that a retry inside the client cannot hold twice.
         ``arrived_ms`` (Redis time, 0 = now) is when the caller received the
         request: one that arrived before the release instant is "not open",
-        however late it is decided (a fair start).
+        however late it is decided (a fair start). ``reservation`` names the
+        patient-wide place the hold takes (default: its own request): a
+        reschedule across partitions passes the old booking's, so the
+        patient-wide count never sees two.
         """
         if not patient or not account or "|" in patient or "|" in account:
             raise ScriptError("patient and account are required (no '|')")
@@ -358,10 +365,11 @@ class Engine:
         if ref is None:
             return await self._not_found("session")
         rq = idempotency_key or self._request_id()
+        member = reservation or f"{account}:{rq}"
         c = self.config
         reserved = False  # a new patient-wide place, to give back if the hold fails
         if c.patient_rules:
-            r = await self._reserve_patient(patient, f"{account}:{rq}",
+            r = await self._reserve_patient(patient, member,
                                             ref.max_active or c.max_active_per_patient)
             if isinstance(r, Refused):
                 return r
@@ -375,13 +383,13 @@ class Engine:
              _gcra(c.account_rate_per_s), c.account_burst,
              _gcra(c.patient_rate_per_s), c.patient_burst,
              c.idempotency_ttl_ms, c.reclaim_per_hold, self._off,
-             "0" if idempotency_key is None else "1", _rnd(), f"{account}:{rq}",
+             "0" if idempotency_key is None else "1", _rnd(), member,
              int(arrived_ms)],
         )
         await self._settle(d)
         if not d.ok:
             if reserved:  # compensation: the place this call reserved goes back
-                await self._settle_patient(patient, f"{account}:{rq}", 0)
+                await self._settle_patient(patient, member, 0)
             return d.refused()
         return _held(d)
 
@@ -591,6 +599,115 @@ class Engine:
         if not d.ok:
             return d.refused()
         return Released(hold_id, d.now, replay=bool(d.rp))
+
+    async def reschedule(
+        self,
+        booking_id: str,
+        *,
+        account: str,
+        session_id: str,
+        slot_id: str,
+        channel: str = "app",
+        idempotency_key: str | None = None,
+        max_reschedules: int = 0,
+    ) -> Rescheduled | Refused:
+        """改约: move a booking to another session or slot of the same
+        partition in one atomic step (``lua/rescheduleBooking-20.lua``): the
+        new unit is certain before the old one goes, the patient never holds
+        both, and the per-patient rules see one booking throughout. Sessions
+        of two partitions: ``NOT_FOUND`` (what = ``partition``); the API
+        moves those with a hold, a swap and a compensation
+        (``reschedule_across``)."""
+        old = await self._record_ref(booking_id)
+        if old is None:
+            return await self._not_found("booking")
+        new = await self.ref(session_id)
+        if new is None:
+            return await self._not_found("session")
+        if new.partition != old.partition:
+            return await self._not_found("partition")
+        pools = self.config.channel_pools.get(channel)
+        if pools is None:
+            raise ScriptError(f"unknown channel {channel!r}")
+        rq = idempotency_key or self._request_id()
+        nk = new.keys
+        rule = new.rule_key
+        d = await self.runner.call(
+            R.RESCHEDULE_BOOKING,
+            [*old.bundle, nk.meta, nk.free, nk.units, nk.deadlines, nk.waitlist, nk.delayed,
+             rule, sk_part(old).idempotency(account, f"rs:{rq}")],
+            [booking_id, account, session_id, slot_id, pools, self.config.idempotency_ttl_ms,
+             self._off, _rnd(), int(max_reschedules)])
+        await self._settle(d)
+        if not d.ok:
+            return d.refused()
+        return Rescheduled(booking_id=d.id, previous_id=d.old, session_id=d.sid,
+                           slot_id=d.slot, unit=d.unit, fee=d.fee, previous_fee=d.old_fee,
+                           server_ms=d.now, late=bool(d.late), replay=bool(d.rp))
+
+    async def reschedule_across(
+        self,
+        booking_id: str,
+        *,
+        account: str,
+        session_id: str,
+        slot_id: str,
+        channel: str = "app",
+        max_reschedules: int = 0,
+        idempotency_key: str | None = None,
+    ) -> Rescheduled | Refused:
+        """改约 to a session of another partition: a hold on the new unit (its
+        patient-wide place is the old booking's: the count never sees two),
+        booked with the old booking's payment, then the old booking cancelled
+        ("rescheduled"); if that is refused (its deadline passed meanwhile),
+        the new booking is cancelled ("reschedule_undone", no refund) and the
+        old one stands. Nothing is lost either way: the patient ends with one
+        booking, the old or the new."""
+        old = await self.record(booking_id)
+        if old is None or old.account != account:
+            return await self._not_found("booking")
+        if old.state is not RecordState.BOOKED:
+            return Refused(Reason.INVALID_STATE, await self.server_time_ms(),
+                           MESSAGES[Reason.INVALID_STATE], state=old.state.label)
+        if max_reschedules and old.reschedules >= max_reschedules:
+            return Refused(Reason.LIMIT_REACHED, await self.server_time_ms(),
+                           MESSAGES[Reason.LIMIT_REACHED], what="reschedules")
+        # The hold's key: the caller's (a retry finds the same hold) or a new one.
+        key = f"rs-{idempotency_key}"[:64] if idempotency_key else self._request_id()
+        held = await self.hold(session_id, slot_id, patient=old.patient, account=account,
+                               idempotency_key=key, channel=channel,
+                               reservation=old.request_id or None)
+        if isinstance(held, Refused):
+            return held
+        booked = await self.confirm(held.hold_id, old.payment_ref or f"rs:{booking_id}")
+        if isinstance(booked, Refused):
+            await self.release(held.hold_id)
+            return booked
+        ended = await self.cancel(booking_id, account=account, reason="rescheduled")
+        if isinstance(ended, Refused):
+            await self.cancel(booked.booking_id, reason="reschedule_undone", force=True)
+            if self.config.patient_rules:  # the old booking's place stands
+                await self._settle_patient(old.patient, old.request_id,
+                                           await self._booking_until(booking_id))
+            return ended
+        if self.config.patient_rules:
+            # The old booking's place (shared by the new one) was dropped with
+            # it: it is the new booking's now.
+            await self._settle_patient(old.patient, old.request_id,
+                                       await self._booking_until(booked.booking_id))
+        return Rescheduled(booking_id=booked.booking_id, previous_id=booking_id,
+                           session_id=session_id, slot_id=slot_id, unit=booked.unit,
+                           fee=0 if old.fee is None else old.fee,
+                           previous_fee=0 if old.fee is None else old.fee,
+                           server_ms=booked.server_ms, late=ended.late, replay=booked.replay)
+
+    async def _booking_until(self, booking_id: str) -> int:
+        """Until when a booking counts patient-wide: the day after its visit
+        (as ``confirmHold`` settles it)."""
+        ref = await self._record_ref(booking_id)
+        if ref is not None and ref.starts_ms > 0:
+            return ref.starts_ms + 86_400_000
+        return await self.server_time_ms() + 30 * 86_400_000
 
     async def cancel(
         self, booking_id: str, *, account: str = "", reason: str = "patient", force: bool = False

@@ -36,6 +36,7 @@ class _Event(msgspec.Struct, frozen=True, tag_field="t", kw_only=True):
     rsn: str = ""
     dl: int = 0  # a waitlist offer's payment deadline
     late: int = 0  # a patient's cancel within a day of the visit (no-show policy)
+    prev: str = ""  # a booking rescheduled (改约) from this one
 
     @property
     def kind(self) -> str:

@@ -158,6 +158,9 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     waitlist_offer: int = msgspec.field(default=0, name="wl")
     #: 1 for a booking a rebuild put back from PostgreSQL.
     restored: int = 0
+    #: How often this booking was rescheduled (改约), and the booking it came from.
+    reschedules: int = msgspec.field(default=0, name="rs")
+    previous_id: str = msgspec.field(default="", name="prev")
 
 
 decode_record = msgspec.json.Decoder(Record).decode
@@ -179,6 +182,22 @@ class Booked(msgspec.Struct, frozen=True, tag="booked"):
     session_id: str
     slot_id: str
     unit: int
+    server_ms: int
+    late: bool = False
+    replay: bool = False
+    ok: bool = True
+
+
+class Rescheduled(msgspec.Struct, frozen=True, tag="rescheduled"):
+    """The new booking (paid by the old one's payment) and the old one, ended."""
+
+    booking_id: str
+    previous_id: str
+    session_id: str
+    slot_id: str
+    unit: int
+    fee: int
+    previous_fee: int
     server_ms: int
     late: bool = False
     replay: bool = False

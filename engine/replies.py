@@ -35,6 +35,7 @@ __all__ = [
     "PatientReply",
     "ReleaseReply",
     "Reply",
+    "RescheduleReply",
     "RestoreReply",
     "SuspendReply",
     "WaitlistReply",
@@ -137,6 +138,16 @@ class ReleaseReply(_Ended, kw_only=True):
 
 class CancelReply(_Ended, kw_only=True):
     reason: str = ""
+    late: int = 0
+
+
+class RescheduleReply(_Ended, kw_only=True):
+    old: str = ""
+    sid: str = ""
+    slot: str = ""
+    unit: int = 0
+    fee: int = 0
+    old_fee: int = 0
     late: int = 0
 
 
@@ -247,6 +258,7 @@ REVOKE_TOKENS = Call("revokeTokens", _raw)
 LIMIT_ATTEMPTS = Call("limitAttempts", _raw)
 RAISE_SEQUENCE = Call("raiseSequence", _raw)
 TAKE_TICKET = Call("takeTicket", _json(LineReply))
+RESCHEDULE_BOOKING = Call("rescheduleBooking", _json(RescheduleReply))
 READ_LINE = Call("readLine", _json(LineReply))
 
 #: Every script the engine calls (the contract test checks it against lua/).
@@ -255,5 +267,5 @@ CALLS: tuple[Call[Any], ...] = (
     REMEMBER_REFUSAL, CONFIRM_HOLD, RELEASE_HOLD, CANCEL_BOOKING, RESTORE_BOOKING, EXPIRE_HOLDS,
     JOIN_WAITLIST, LEAVE_WAITLIST, RESERVE_PATIENT, SETTLE_PATIENT, GET_AVAILABILITY, READ_SESSION,
     READ_BINDING, WRITE_BINDING, READ_ACCESS, REVOKE_TOKENS, LIMIT_ATTEMPTS, RAISE_SEQUENCE,
-    TAKE_TICKET, READ_LINE,
+    TAKE_TICKET, READ_LINE, RESCHEDULE_BOOKING,
 )

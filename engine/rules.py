@@ -57,6 +57,8 @@ class Rules(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tru
     no_show_window_days: Days = 90
     ban_days: Days = 90
     late_cancels_count: bool = True
+    #: How often one booking may be rescheduled (改约); 0 = no limit.
+    max_reschedules: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
 
 
 class HospitalRules(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -16,7 +16,17 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from engine import Booked, Cancelled, Engine, Held, Reason, Refused, Released, Waitlisted
+from engine import (
+    Booked,
+    Cancelled,
+    Engine,
+    Held,
+    Reason,
+    Refused,
+    Released,
+    Rescheduled,
+    Waitlisted,
+)
 from engine.model import SessionSpec, SlotSpec
 from engine.outcomes import decode_record
 from tests.enginekit import config
@@ -372,6 +382,41 @@ class EngineMachine(RuleBasedStateMachine):
     def resume(self) -> None:
         assert self.run(self.eng.resume("S1"))
         self.m.status = "open"
+
+    @precondition(lambda self: any(r.st == "b" for r in self.m.recs.values()))
+    @rule(data=st.data(), slot=st.sampled_from(SLOTS))
+    def reschedule(self, data: st.DataObject, slot: str) -> None:
+        """改约 within the session: the lowest free app unit of the other slot,
+        or a refusal that changes nothing."""
+        booked = sorted(rid for rid, r in self.m.recs.items() if r.st == "b")
+        rid = data.draw(st.sampled_from(booked))
+        r = self.run(self.eng.reschedule(rid, account="acct", session_id="S1", slot_id=slot))
+        self._now(r.server_ms)
+        m, rec = self.m, self.m.recs[rid]
+        try:
+            if slot == rec.slot:
+                assert isinstance(r, Refused) and r.state == "same_slot", r
+                return
+            if m.status != "open":
+                want = Reason.PAUSED if m.status == "paused" else Reason.SUSPENDED
+                assert isinstance(r, Refused) and r.reason is want, r
+                return
+            allowed = [u for u, p in m.free[slot].items() if m.all_pools or p in CHANNELS["app"]]
+            if not allowed:
+                assert isinstance(r, Refused) and r.reason is Reason.SOLD_OUT, r
+                return
+            assert isinstance(r, Rescheduled) and r.previous_id == rid, r
+            unit = min(allowed)
+            assert r.unit == unit
+            m.take(slot, unit)
+            m.units[unit] = r.booking_id
+            m.recs[r.booking_id] = Rec(r.booking_id, slot, unit, rec.pat, "b", 0)
+            rec.st = "c"
+            m.drop_rule(rec)
+            m.rule[rec.pat] = r.booking_id
+            m.give_back(rec)
+        finally:
+            self._sync_offers()
 
     @rule()
     def pause(self) -> None:

@@ -8,19 +8,29 @@ with its HIS status from PostgreSQL once persisted.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import structlog
 from litestar import Controller, Request, Response, get, post
+from litestar.params import HeaderParameter
 
+from api import catalog
 from api.context import api_of
 from api.docs import ACCOUNT, errors
 from api.guards import account_of, account_required
 from api.patient_words import reason_text, refund_text
 from api.problems import json_response, refused
 from api.routes.holds import not_found, own_record, recovering_or_not_found, shed
-from api.schemas import HOLD_ID_RE, BookingOut, CancelledOut, RefundView
+from api.schemas import (
+    HOLD_ID_RE,
+    IDEMPOTENCY_RE,
+    BookingOut,
+    CancelledOut,
+    RefundView,
+    RescheduledOut,
+    RescheduleIn,
+)
 from engine.outcomes import Reason, RecordState, Refused
 from engine.store import queries as q
 from engine.store.payments import REFUND_COLS, RefundOrder, refund_order
@@ -101,6 +111,59 @@ class BookingController(Controller):
             reason_text=None if seen is None else seen.reason_text,
             refund=None if seen is None else seen.refund,
         )
+
+    @post("/{booking_id:str}/reschedule", status_code=200,
+          responses=errors(401, 403, 404, 409, 422, 429),
+          summary="Move one of the account's bookings to another session or slot (改约)")
+    async def reschedule(
+        self, request: Request[Any, Any, Any], booking_id: str, data: RescheduleIn,
+        idempotency_key: Annotated[str | None, HeaderParameter(
+            name="Idempotency-Key", min_length=1, max_length=64,
+            pattern=r"^[A-Za-z0-9_-]{1,64}$")] = None,
+    ) -> Response[RescheduledOut]:
+        """The new unit is certain before the old booking goes: 409 sold-out
+        (and every refusal) leaves the old booking as it was. The new booking
+        is paid by the old one's payment; a fee difference is recorded for
+        finance (``fee_difference``). Refused inside the old session's cancel
+        deadline; within a day of the visit it counts as a late cancel; the
+        hospital's rules may limit reschedules (409 limit-reached)."""
+        api = api_of(request)
+        path: str = request.scope["path"]
+        if not HOLD_ID_RE.fullmatch(booking_id):
+            raise not_found(path, "booking")
+        if idempotency_key is not None and not IDEMPOTENCY_RE.fullmatch(idempotency_key):
+            idempotency_key = None
+        account = account_of(request)
+        rules = await catalog.rules_for_session(api.pool, booking_id.split(".")[1])
+        if not api.admission.enter():
+            return shed(api, "reschedule", path)
+        try:
+            out = await api.engine.reschedule(
+                booking_id, account=account, session_id=data.session_id,
+                slot_id=data.slot_id, idempotency_key=idempotency_key,
+                max_reschedules=rules.max_reschedules)
+            if isinstance(out, Refused) and out.reason is Reason.NOT_FOUND \
+                    and out.what == "partition":
+                out = await api.engine.reschedule_across(
+                    booking_id, account=account, session_id=data.session_id,
+                    slot_id=data.slot_id, max_reschedules=rules.max_reschedules,
+                    idempotency_key=idempotency_key)
+        finally:
+            api.admission.leave()
+        if isinstance(out, Refused):
+            api.metrics.decision("reschedule", out.reason.value)
+            if out.reason is Reason.NOT_FOUND and out.what == "booking":
+                raise await recovering_or_not_found(api, booking_id, path, "booking")
+            return refused(out, path)
+        api.metrics.decision("reschedule", "rescheduled")
+        api.soldout.clear(data.session_id)
+        api.soldout.clear(booking_id.split(".")[1])
+        body = RescheduledOut(
+            booking_id=out.booking_id, previous_id=out.previous_id, session_id=out.session_id,
+            slot_id=out.slot_id, unit=out.unit, fee=out.fee, previous_fee=out.previous_fee,
+            fee_difference=out.fee - out.previous_fee, late=out.late, server_ms=out.server_ms,
+            replay=out.replay)
+        return json_response(_encode(body))
 
     @post("/{booking_id:str}/cancel", status_code=200, responses=errors(401, 404, 409, 429),
           summary="Cancel one of the account's bookings")

@@ -37,6 +37,16 @@ async def record_booked(conn: Any, ev: Booked, eid: str) -> str | None:
         " ON CONFLICT DO NOTHING RETURNING id",
         ev.id, ev.sid, ev.slot, ev.unit, ev.pat, ev.acct, ev.fee, ev.pay, at, eid,
     )
+    if inserted is not None and ev.prev:
+        # 改约: the booking it was moved from, and a fee difference for finance.
+        await conn.execute("UPDATE bookings SET rescheduled_from = $2 WHERE id = $1",
+                           ev.id, ev.prev)
+        old_fee = await conn.fetchval("SELECT fee_cents FROM bookings WHERE id = $1", ev.prev)
+        if old_fee is not None and old_fee != ev.fee:
+            await conn.execute(
+                "INSERT INTO fee_adjustments (booking_id, previous_id, amount)"
+                " VALUES ($1, $2, $3) ON CONFLICT (booking_id) DO NOTHING",
+                ev.id, ev.prev, ev.fee - old_fee)
     if inserted is None:
         exists = await conn.fetchrow(
             "SELECT session_id, unit, patient_ref FROM bookings WHERE id = $1", ev.id)
@@ -98,6 +108,9 @@ async def record_cancelled(conn: Any, ev: Cancelled, eid: str) -> None:
         at, eid, bool(ev.late),
     )
     reason = ev.rsn or "cancelled"
+    if reason in ("rescheduled", "reschedule_undone"):
+        # 改约: the payment pays for the booking that stands, nothing to refund.
+        return
     await refund_for_booking(conn, ev.id, ev.pay, ev.fee, cause_of_cancel(reason), reason)
 
 

@@ -192,10 +192,17 @@ async def refund_for_booking(db: Queryable, booking_id: str, payment_ref: str, f
     engine without the ledger, a manual refund of the fee."""
     if not payment_ref:
         return False
+    # A rescheduled booking (改约) is paid by the payment of the first one.
+    first = await db.fetchval(
+        "WITH RECURSIVE chain(id, prev, depth) AS ("
+        "  SELECT id, rescheduled_from, 0 FROM bookings WHERE id = $1"
+        "  UNION ALL SELECT b.id, b.rescheduled_from, c.depth + 1 FROM bookings b"
+        "  JOIN chain c ON b.id = c.prev WHERE c.depth < 50)"
+        " SELECT id FROM chain ORDER BY depth DESC LIMIT 1", booking_id) or booking_id
     r = await db.fetchrow(
         "SELECT provider, transaction_id, amount, out_trade_no FROM payments"
         " WHERE payment_ref = $1 AND (hold_id = $2 OR hold_id IS NULL)"
-        " ORDER BY first_seen_at LIMIT 1", payment_ref, booking_id)
+        " ORDER BY first_seen_at LIMIT 1", payment_ref, first)
     if r is None:
         # No ledger row (the engine confirmed without it): the booking is the
         # payment's identity here, and finance pays it out.
