@@ -15,8 +15,8 @@ Per day, department and doctor (each session, and their sums):
   cancels, conflicts);
 - ``no_shows`` and ``no_show_rate`` (of the bookings whose attendance is
   known), ``waitlist_joins``, ``waitlist_offers``, ``waitlist_conversions``
-  (offers that became bookings), ``refunds`` (refund orders), and
-  ``his_rejections``.
+  (offers that became bookings), ``rescheduled_in`` / ``rescheduled_out``
+  (改约), ``refunds`` (refund orders), and ``his_rejections``.
 
 Demand is counted without slowing the hot path: the API keeps the accounts
 of each session in memory and adds them to Redis sets once a second
@@ -148,6 +148,9 @@ class SessionStats(msgspec.Struct, kw_only=True):
     waitlist_joins: int
     waitlist_offers: int
     waitlist_conversions: int
+    #: Bookings moved into this session by a reschedule (改约), and out of it.
+    rescheduled_in: int
+    rescheduled_out: int
     refunds: int
     his_rejections: int
 
@@ -156,7 +159,8 @@ _POOL_NAMES = {"1": "phone", "2": "window", "3": "referral"}
 #: Figures that add up over sessions (the rest are recomputed).
 _SUMMED = ("released", "booked", "bookings", "tried", "unmet_demand", "cancelled_in_time",
            "cancelled_late", "cancelled_other", "no_shows", "attended", "waitlist_joins",
-           "waitlist_offers", "waitlist_conversions", "refunds", "his_rejections")
+           "waitlist_offers", "waitlist_conversions", "rescheduled_in", "rescheduled_out",
+           "refunds", "his_rejections")
 
 
 def _pools(spec: Any, caps: Mapping[str, int]) -> dict[str, int]:
@@ -214,7 +218,9 @@ async def stats(db: Queryable, *, date_from: dt.date, date_to: dt.date,
                                 " AND status_reason IS DISTINCT FROM 'patient'"),
             ("no_shows", "attendance = 'no_show'"),
             ("attended", "attendance = 'attended'"),
-            ("his_rejections", "his_status = 'rejected'")):
+            ("his_rejections", "his_status = 'rejected'"),
+            ("rescheduled_in", "rescheduled_from IS NOT NULL"),
+            ("rescheduled_out", "status = 'cancelled' AND status_reason = 'rescheduled'")):
         put(await db.fetch(
             f"SELECT session_id, count(*) AS n FROM bookings WHERE session_id = ANY($1)"
             f" AND {cond} GROUP BY session_id", sids), name)

@@ -222,3 +222,12 @@ async def test_over_http_with_a_fee_difference(fresh_redis: Any, redis_url: str,
         adj = await pool.fetchrow("SELECT previous_id, amount, state FROM fee_adjustments")
         assert (adj["previous_id"], adj["amount"], adj["state"]) == (hid, 7000, "open")
         assert await pool.fetchval("SELECT count(*) FROM refund_orders") == 0
+        # The statistics count the move both ways.
+        import datetime as dt
+
+        from engine.stats import stats
+
+        day = dt.date.fromisoformat(cheap.date)
+        by = {r.session_id: r for r in await stats(pool, date_from=day, date_to=day)}
+        assert (by["HC1"].rescheduled_out, by["HC1"].booked) == (1, 0)
+        assert (by["HC2"].rescheduled_in, by["HC2"].booked, by["HC2"].bookings) == (1, 1, 1)

@@ -116,7 +116,7 @@ async def test_a_known_morning_counted_by_hand(app: Litestar, redis_url: str, db
             "tried": 5, "unmet_demand": 1, "cancelled_in_time": 1, "cancelled_late": 0,
             "cancelled_other": 0, "no_shows": 1, "attended": 1, "no_show_rate": 0.5,
             "waitlist_joins": 1, "waitlist_offers": 1, "waitlist_conversions": 1,
-            "refunds": 1, "his_rejections": 0}
+            "rescheduled_in": 0, "rescheduled_out": 0, "refunds": 1, "his_rejections": 0}
         assert {k: a[k] for k in expected_a} == expected_a
         assert a["sold_out_after_release_ms"] is not None
         assert 0 <= a["sold_out_after_release_ms"] < 5000
