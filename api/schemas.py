@@ -325,13 +325,19 @@ class SuspendIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 PatientRef = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_:.-]{1,128}$")]
 
 
-class StaffHoldIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """A hold made by hospital staff for a patient of a staff channel (号源池)."""
+class StaffHoldIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """A hold made by hospital staff for a patient of a staff channel (号源池).
+
+    The patient is named by the ID card the clerk reads (``national_id``):
+    the server finds the patient from it, and staff never handle the keyed
+    hash. ``patient_ref`` (the hash itself) is still taken from integrations
+    that have it; exactly one of the two."""
 
     session_id: SessionId
     slot_id: SlotId
-    patient_ref: PatientRef
     channel: Literal["phone", "window", "referral"]
+    national_id: Annotated[str, msgspec.Meta(min_length=1, max_length=32)] | None = None
+    patient_ref: PatientRef | None = None
 
 
 class AttendanceIn(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -320,3 +320,21 @@ async def test_staff_channel_hold_draws_from_its_pool(client: Client, app: Lites
         401, "unauthorized")
     r = await pay(client, first["hold_id"], 5000, "pay-staff")
     assert r.status_code == 200 and r.json()["status"] == "booked"
+    # At the window the clerk reads the ID card: the server finds the patient.
+    window = make_spec(f"W{next(_ids)}", dept=f"WD{next(_ids)}", caps=(2,))
+    window = msgspec.structs.replace(window, slots=[msgspec.structs.replace(
+        window.slots[0], pools={"window": 2})])
+    await import_sessions(client, [window])
+    nid = national_id(next(_ids))
+    by_card = await client.post("/v1/admin/holds", headers=ADMIN, json={
+        "session_id": window.session_id, "slot_id": "0800", "national_id": nid,
+        "channel": "window"})
+    assert by_card.status_code == 201, by_card.text
+    with client.portal() as portal:  # the app's engine lives in the app's loop
+        rec = portal.call(api(app).engine.record, by_card.json()["hold_id"])
+    assert rec is not None and rec.patient == api(app).crypto.id_hash(nid)
+    for bad in ({"national_id": "110101199003071230"}, {},
+                {"national_id": nid, "patient_ref": "ref-z"}):
+        r = await client.post("/v1/admin/holds", headers=ADMIN, json={
+            "session_id": window.session_id, "slot_id": "0800", "channel": "window", **bad})
+        assert r.status_code == 422, (bad, r.text)

@@ -25,6 +25,7 @@ from api.problems import ProblemError, json_response, refused
 from api.schemas import HOLD_ID_RE, AttendanceIn, BanLiftedOut, HoldOut, StaffHoldIn
 from api.trail import record
 from engine.outcomes import Held
+from engine.pii import InvalidNationalId
 from engine.rules import (
     AttendanceResult,
     HospitalRules,
@@ -142,7 +143,17 @@ class RulesController(Controller):
         (``POST /v1/holds/{id}/confirm``). Refusals as for ``POST /v1/holds``."""
         api = api_of(request)
         path: str = request.scope["path"]
-        out = await api.engine.hold(data.session_id, data.slot_id, patient=data.patient_ref,
+        if (data.national_id is None) == (data.patient_ref is None):
+            raise ProblemError.of("invalid-input", "give the patient's national_id (or, from an"
+                                  " integration, patient_ref): exactly one", instance=path)
+        if data.national_id is not None:
+            try:
+                ref = api.crypto.id_hash(data.national_id)
+            except InvalidNationalId as exc:
+                raise ProblemError.of("invalid-national-id", str(exc), instance=path) from None
+        else:
+            ref = str(data.patient_ref)
+        out = await api.engine.hold(data.session_id, data.slot_id, patient=ref,
                                     account=f"staff:{data.channel}",
                                     idempotency_key=idempotency_key, channel=data.channel)
         if not isinstance(out, Held):
@@ -151,7 +162,7 @@ class RulesController(Controller):
         api.metrics.decision("staff_hold", "held")
         if not out.replay:
             await record(request, "hold.staff", out.hold_id, session_id=out.session_id,
-                         slot_id=out.slot_id, channel=data.channel, patient_ref=data.patient_ref)
+                         slot_id=out.slot_id, channel=data.channel, patient_ref=ref)
         api.availability_cache.forget("s:" + data.session_id)
         body = HoldOut(out.hold_id, out.session_id, out.slot_id, out.unit,
                        out.expires_at_ms, out.server_ms, out.replay)
