@@ -33,7 +33,8 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 _SESSION_SQL = """
 SELECT s.id, s.hospital_id, s.dept_id, s.doctor_id, d.name AS doctor_name, s.date, s.period,
-       s.fee_cents, s.release_at, s.cutoff_at, s.starts_at, s.status,
+       s.fee_cents, s.release_at, s.cutoff_at, s.starts_at, s.status, d.title AS doctor_title,
+       s.location, (SELECT p.name FROM departments p WHERE p.id = s.dept_id) AS dept_name,
        coalesce(json_agg(json_build_object(
            'slot_id', sl.slot_id,
            'start', coalesce(to_char(sl.start_time, 'HH24:MI'), ''),
@@ -65,6 +66,9 @@ def _session(r: Any) -> SessionOut:
         starts_ms=_ms(r["starts_at"]),
         status=r["status"],
         slots=_slots.decode(r["slots"]),
+        dept_name=r["dept_name"],
+        doctor_title=r["doctor_title"],
+        location=r["location"],
     )
 
 
@@ -76,26 +80,28 @@ async def hospitals(db: Queryable) -> list[HospitalOut]:
 async def departments(db: Queryable, hospital_id: str) -> list[DepartmentOut] | None:
     """None if the hospital is unknown."""
     rows = await db.fetch(
-        "SELECT h.id AS hid, d.id, d.name FROM hospitals h"
+        "SELECT h.id AS hid, d.id, d.name, d.intro FROM hospitals h"
         " LEFT JOIN departments d ON d.hospital_id = h.id WHERE h.id = $1 ORDER BY d.id",
         hospital_id,
     )
     if not rows:
         return None
-    return [DepartmentOut(r["id"], r["hid"], r["name"]) for r in rows if r["id"] is not None]
+    return [DepartmentOut(r["id"], r["hid"], r["name"], r["intro"]) for r in rows
+            if r["id"] is not None]
 
 
 async def doctors(db: Queryable, dept_id: str) -> list[DoctorOut] | None:
     """None if the department is unknown."""
     rows = await db.fetch(
-        "SELECT p.id AS did, p.hospital_id AS hid, d.id, d.name, d.title FROM departments p"
+        "SELECT p.id AS did, p.hospital_id AS hid, d.id, d.name, d.title, d.expertise"
+        " FROM departments p"
         " LEFT JOIN doctors d ON d.dept_id = p.id WHERE p.id = $1 ORDER BY d.id",
         dept_id,
     )
     if not rows:
         return None
     return [
-        DoctorOut(r["id"], r["did"], r["hid"], r["name"], r["title"])
+        DoctorOut(r["id"], r["did"], r["hid"], r["name"], r["title"], r["expertise"])
         for r in rows
         if r["id"] is not None
     ]
@@ -115,7 +121,7 @@ async def sessions(
         _SESSION_SQL
         + " WHERE s.date BETWEEN $1 AND $2 AND ($3::text IS NULL OR s.hospital_id = $3)"
         " AND ($4::text IS NULL OR s.dept_id = $4) AND ($5::text IS NULL OR s.doctor_id = $5)"
-        " GROUP BY s.id, d.name ORDER BY s.date, s.period, s.id LIMIT $6",
+        " GROUP BY s.id, d.name, d.title ORDER BY s.date, s.period, s.id LIMIT $6",
         date_from,
         date_to,
         hospital,
@@ -127,7 +133,8 @@ async def sessions(
 
 
 async def session(db: Queryable, session_id: str) -> SessionOut | None:
-    r = await db.fetchrow(_SESSION_SQL + " WHERE s.id = $1 GROUP BY s.id, d.name", session_id)
+    r = await db.fetchrow(_SESSION_SQL + " WHERE s.id = $1 GROUP BY s.id, d.name, d.title",
+                          session_id)
     return None if r is None else _session(r)
 
 

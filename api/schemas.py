@@ -124,6 +124,8 @@ class DepartmentOut(msgspec.Struct, frozen=True):
     dept_id: str
     hospital_id: str
     name: str
+    #: 科室介绍
+    intro: str | None = None
 
 
 class DoctorOut(msgspec.Struct, frozen=True):
@@ -131,7 +133,10 @@ class DoctorOut(msgspec.Struct, frozen=True):
     dept_id: str
     hospital_id: str
     name: str
+    #: 职称
     title: str | None = None
+    #: 擅长
+    expertise: str | None = None
 
 
 class SlotOut(msgspec.Struct, frozen=True):
@@ -153,8 +158,12 @@ class SessionOut(msgspec.Struct, frozen=True, kw_only=True):
     release_at_ms: int
     cutoff_ms: int | None = None
     starts_ms: int | None = None
-    status: Literal["open", "suspended"]
+    status: Literal["open", "suspended", "paused"]
     slots: list[SlotOut]
+    dept_name: str | None = None
+    doctor_title: str | None = None
+    #: 就诊地点
+    location: str | None = None
 
 
 # --------------------------------------------------------------------------- holds, bookings

@@ -39,6 +39,27 @@ class SlotSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pools: dict[PoolName, Annotated[int, msgspec.Meta(ge=0, le=9999)]] = {}
 
 
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+LongText = Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
+
+
+class Display(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What patients see when they browse: names and words, never a rule.
+    Each field given updates the stored one; a field left out keeps it."""
+
+    hospital_name: Text | None = None
+    dept_name: Text | None = None
+    #: 科室介绍
+    dept_intro: LongText | None = None
+    doctor_name: Text | None = None
+    #: 职称: 主任医师, 副主任医师, ...
+    doctor_title: Text | None = None
+    #: 擅长
+    doctor_expertise: LongText | None = None
+    #: Where the visit is: building, floor, room (就诊地点)
+    location: Text | None = None
+
+
 class SessionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One doctor, one date, one half-day. Times are epoch milliseconds."""
 
@@ -72,6 +93,8 @@ class SessionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: At most this many active holds and bookings per patient across the
     #: hospital (the hospital's rule; 0 = the engine's default).
     max_active_per_patient: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
+    #: Names and words shown when browsing (PostgreSQL only; never in Redis).
+    display: Display | None = None
 
     def __post_init__(self) -> None:
         # The pattern admits 2026-02-31; the calendar does not.

@@ -43,6 +43,21 @@ async def test_the_import_example_imports_through_the_command(
     assert report["sessions"] == 2 and report["capacity"] == 18 and report["recovering"] == []
     rows = await db_pool.fetch("SELECT id FROM sessions ORDER BY id")
     assert [r["id"] for r in rows] == ["CARDIO-DR_LI-20261210-AM", "DERM-DR_WANG-20261210-PM"]
+    # What patients see when browsing came with it (the first session's display).
+    from api import catalog
+
+    (dept,) = [d for d in await catalog.departments(db_pool, "H1") or [] if d.dept_id == "CARDIO"]
+    assert dept.name == "心内科" and dept.intro and "冠心病" in dept.intro
+    (doc,) = await catalog.doctors(db_pool, "CARDIO") or []
+    assert (doc.name, doc.title) == ("李明", "主任医师") and doc.expertise
+    one = await catalog.session(db_pool, "CARDIO-DR_LI-20261210-AM")
+    assert one is not None and one.location == "门诊楼3层 心内科诊区"
+    assert (one.dept_name, one.doctor_title) == ("心内科", "主任医师")
+    # A re-import keeps them.
+    rc, _ = await haoyuan("import", str(example_file()), "--redis-url", redis_url,
+                          "--pg-dsn", fresh_pg_dsn)
+    assert rc == 0
+    assert (await catalog.doctors(db_pool, "CARDIO") or [])[0].expertise == doc.expertise
 
 
 @pytest.mark.timeout(60)

@@ -113,6 +113,9 @@ class StoredSession(msgspec.Struct, frozen=True, kw_only=True):
     dept_name: str | None = None
     doctor_name: str | None = None
     doctor_title: str | None = None
+    dept_intro: str | None = None
+    doctor_expertise: str | None = None
+    location: str | None = None
     #: The ``SessionSpec`` as loaded (JSON), so a rebuild loads it again as it was.
     spec_json: str | None = None
 
@@ -122,7 +125,12 @@ class StoredSession(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def from_spec(cls, spec: Any, **names: str | None) -> StoredSession:
-        """From an ``engine.model.SessionSpec`` (plus optional display names)."""
+        """From an ``engine.model.SessionSpec`` (its ``display``, plus optional names)."""
+        d = getattr(spec, "display", None)
+        if d is not None:
+            for f in ("hospital_name", "dept_name", "dept_intro", "doctor_name", "doctor_title",
+                      "doctor_expertise", "location"):
+                names.setdefault(f, getattr(d, f))
         return cls(
             session_id=spec.session_id,
             hospital=spec.hospital,
@@ -179,29 +187,34 @@ async def upsert_schedule(conn: Connection, sessions: Sequence[StoredSession]) -
             _unique((s.hospital, s.hospital_name) for s in sessions),
         )
         await conn.executemany(
-            "INSERT INTO departments (id, hospital_id, name) VALUES ($1, $2, coalesce($3, $1))"
+            "INSERT INTO departments (id, hospital_id, name, intro)"
+            " VALUES ($1, $2, coalesce($3, $1), $4)"
             " ON CONFLICT (id) DO UPDATE SET hospital_id = $2,"
-            " name = coalesce($3, departments.name)",
-            _unique((s.dept, s.hospital, s.dept_name) for s in sessions),
+            " name = coalesce($3, departments.name), intro = coalesce($4, departments.intro)",
+            _unique((s.dept, s.hospital, s.dept_name, s.dept_intro) for s in sessions),
         )
         await conn.executemany(
-            "INSERT INTO doctors (id, hospital_id, dept_id, name, title)"
-            " VALUES ($1, $2, $3, coalesce($4, $1), $5)"
+            "INSERT INTO doctors (id, hospital_id, dept_id, name, title, expertise)"
+            " VALUES ($1, $2, $3, coalesce($4, $1), $5, $6)"
             " ON CONFLICT (id) DO UPDATE SET hospital_id = $2, dept_id = $3,"
-            " name = coalesce($4, doctors.name), title = coalesce($5, doctors.title)",
+            " name = coalesce($4, doctors.name), title = coalesce($5, doctors.title),"
+            " expertise = coalesce($6, doctors.expertise)",
             _unique(
-                (s.doctor, s.hospital, s.dept, s.doctor_name, s.doctor_title) for s in sessions
+                (s.doctor, s.hospital, s.dept, s.doctor_name, s.doctor_title, s.doctor_expertise)
+                for s in sessions
             ),
         )
         await conn.executemany(
             "INSERT INTO sessions (id, hospital_id, dept_id, doctor_id, date, period, fee_cents,"
             " release_at, cutoff_at, starts_at, cancel_before_ms, hold_ttl_ms, scope, partition,"
-            " spec)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb)"
+            " spec, location)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb,"
+            " $16)"
             " ON CONFLICT (id) DO UPDATE SET hospital_id = $2, period = $6, fee_cents = $7,"
             " release_at = $8, cutoff_at = $9, starts_at = $10, cancel_before_ms = $11,"
             " hold_ttl_ms = $12, scope = $13, partition = $14,"
-            " spec = coalesce($15::jsonb, sessions.spec), updated_at = now()",
+            " spec = coalesce($15::jsonb, sessions.spec),"
+            " location = coalesce($16, sessions.location), updated_at = now()",
             [
                 (
                     s.session_id,
@@ -219,6 +232,7 @@ async def upsert_schedule(conn: Connection, sessions: Sequence[StoredSession]) -
                     s.scope,
                     s.partition,
                     s.spec_json,
+                    s.location,
                 )
                 for s in sessions
             ],
