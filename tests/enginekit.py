@@ -20,6 +20,23 @@ from engine.writer import OutboxWriter, WriterConfig
 NO_LIMITS = dict(account_rate_per_s=0.0, patient_rate_per_s=0.0)
 
 
+async def wipe_and_rebuild(redis_url: str, pg_dsn: str) -> None:
+    """Redis loses everything (FLUSHALL); ``rebuild`` puts PostgreSQL's back."""
+    import redis.asyncio as aioredis
+
+    from engine.rebuild import rebuild
+
+    r = aioredis.Redis.from_url(redis_url)
+    await r.flushall()
+    await r.aclose()
+    async with Engine.connect(redis_url) as eng:
+        pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2)
+        try:
+            await rebuild(eng, pool)
+        finally:
+            await pool.close()
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 

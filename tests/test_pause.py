@@ -12,14 +12,12 @@ import asyncpg
 import httpx
 import msgspec
 import pytest
-import redis.asyncio as aioredis
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from engine import Engine
-from engine.rebuild import rebuild
 from tests.apikit import ADMIN, bind, flushed_app, import_sessions, login, next_id, pay, uid
-from tests.enginekit import make_spec
+from tests.enginekit import make_spec, wipe_and_rebuild
 
 
 @pytest.fixture
@@ -103,15 +101,8 @@ async def test_pause_and_resume_a_session_and_a_department_day(
     from tests.test_stats import drain
 
     await drain(redis_url, db)
-    r2 = aioredis.Redis.from_url(redis_url)
-    await r2.flushall()
-    await r2.aclose()
+    await wipe_and_rebuild(redis_url, db)
     async with Engine.connect(redis_url) as eng:
-        pool = await asyncpg.create_pool(db, min_size=1, max_size=2)
-        try:
-            await rebuild(eng, pool)
-        finally:
-            await pool.close()
         assert await eng.session_status(sid) == "paused"
         a = await eng.audit(sid)
         assert a.ok and a.booked == 2, a.breaches  # the two paid before and during the pause

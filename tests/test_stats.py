@@ -18,15 +18,13 @@ import asyncpg
 import httpx
 import msgspec
 import pytest
-import redis.asyncio as aioredis
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from engine import Engine
-from engine.rebuild import rebuild
 from engine.writer import OutboxWriter, WriterConfig
 from tests.apikit import ADMIN, api, bind, flushed_app, import_sessions, login, next_id, pay
-from tests.enginekit import make_spec, now_ms
+from tests.enginekit import make_spec, now_ms, wipe_and_rebuild
 
 ROOT = Path(__file__).resolve().parent.parent
 DATE = "2027-03-01"
@@ -140,15 +138,7 @@ async def test_a_known_morning_counted_by_hand(app: Litestar, redis_url: str, db
 
     # Redis loses everything; the rebuild brings the inventory back, and the
     # statistics are PostgreSQL's: the same figures.
-    r2 = aioredis.Redis.from_url(redis_url)
-    await r2.flushall()
-    await r2.aclose()
-    async with Engine.connect(redis_url) as eng:
-        pool = await asyncpg.create_pool(db, min_size=1, max_size=2)
-        try:
-            await rebuild(eng, pool)
-        finally:
-            await pool.close()
+    await wipe_and_rebuild(redis_url, db)
     again = stats_cli(redis_url, db)
     assert {s["session_id"]: s for s in again["sessions"]} == by
 

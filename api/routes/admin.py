@@ -215,11 +215,7 @@ class AdminController(Controller):
         """Every open session of the department-day; suspended ones stay as
         they are. 404 if the department-day has no session."""
         api = api_of(request)
-        sids = await api.engine.dept_day_sessions(dept_id, date) if _SAFE.fullmatch(
-            dept_id) and _SAFE.fullmatch(date) else []
-        if not sids:
-            raise ProblemError.of("not-found", "no session that department-day",
-                                  instance=request.scope["path"])
+        sids = await self._dept_day(request, dept_id, date)
         paused = []
         for sid in sids:
             if await api.engine.pause(sid, data.reason) is None:
@@ -236,11 +232,7 @@ class AdminController(Controller):
     async def resume_day(self, request: Request[Any, Any, Any], dept_id: str,
                          date: str) -> PausedOut:
         api = api_of(request)
-        sids = await api.engine.dept_day_sessions(dept_id, date) if _SAFE.fullmatch(
-            dept_id) and _SAFE.fullmatch(date) else []
-        if not sids:
-            raise ProblemError.of("not-found", "no session that department-day",
-                                  instance=request.scope["path"])
+        sids = await self._dept_day(request, dept_id, date)
         resumed = []
         for sid in sids:
             if await api.engine.session_status(sid) == "paused" and await api.engine.resume(sid):
@@ -249,6 +241,16 @@ class AdminController(Controller):
                 resumed.append(sid)
         await record(request, "dept_day.resume", f"{dept_id}/{date}", sessions=resumed)
         return PausedOut(resumed, status="open")
+
+    @staticmethod
+    async def _dept_day(request: Request[Any, Any, Any], dept_id: str, date: str) -> list[str]:
+        """The sessions of a department-day Redis has; 404 if none."""
+        sids = await api_of(request).engine.dept_day_sessions(dept_id, date) \
+            if _SAFE.fullmatch(dept_id) and _SAFE.fullmatch(date) else []
+        if not sids:
+            raise ProblemError.of("not-found", "no session that department-day",
+                                  instance=request.scope["path"])
+        return sids
 
     @staticmethod
     def _forget(api: Any, session_id: str) -> None:
