@@ -34,6 +34,7 @@ def serve(
     access_log: bool | None = None,
     task_impl: str = "asyncio",
     runtime_mode: str = "auto",
+    backpressure: int | None = None,
 ) -> None:
     from granian import Granian
     from granian.constants import Interfaces, Loops, RuntimeModes, TaskImpl
@@ -60,6 +61,9 @@ def serve(
         loop=Loops(loop),
         task_impl=TaskImpl(task_impl),
         runtime_mode=RuntimeModes(runtime_mode),
+        # Requests one worker takes in at once (granian: backlog / workers);
+        # beyond, they wait in the socket, and arrive old (shed at once).
+        backpressure=backpressure or None,
         log_access=False,
         respawn_failed_workers=True,
     ).serve()
@@ -77,13 +81,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                    choices=["asyncio", "rust"])
     p.add_argument("--runtime-mode", default=os.environ.get("HAOYUAN_RUNTIME_MODE", "auto"),
                    choices=["auto", "st", "mt"])
+    p.add_argument("--backpressure", type=int,
+                   default=int(os.environ.get("HAOYUAN_BACKPRESSURE", "0")) or None,
+                   help="requests a worker takes in at once (default: granian's, backlog"
+                        " / workers); $HAOYUAN_BACKPRESSURE")
     args = p.parse_args(argv)
     from api.settings import SettingsError
 
     try:
         serve(host=args.host, port=args.port, workers=args.workers, backlog=args.backlog,
               loop=args.loop, access_log=False if args.no_access_log else None,
-              task_impl=args.task_impl, runtime_mode=args.runtime_mode)
+              task_impl=args.task_impl, runtime_mode=args.runtime_mode,
+              backpressure=args.backpressure)
     except SettingsError as exc:
         print(str(exc), file=sys.stderr)
         return 2
