@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main", "serve"]
 
@@ -43,7 +44,8 @@ def serve(
 
     # Refuse to start here, once, naming every missing or weak secret: a worker
     # whose factory fails would only be respawned by granian, over and over.
-    Settings.from_env()
+    settings = Settings.from_env()
+    _check_durability(settings)
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # One scrape of /metrics sees every worker (api.metrics): the workers
         # inherit the directory; a fresh one per start (no stale counters).
@@ -67,6 +69,34 @@ def serve(
         log_access=False,
         respawn_failed_workers=True,
     ).serve()
+
+
+def _check_durability(settings: Any) -> None:
+    """Refuse to start (SettingsError) when Redis does not provide the
+    configured durability (production: AOF always unless HAOYUAN_DURABILITY
+    says otherwise); a Redis that is not up yet is the workers' to find."""
+    from api.settings import SettingsError
+
+    mode = settings.engine.durability
+    if mode not in ("aof-always", "aof-everysec") or settings.engine.cluster:
+        return
+    import redis
+
+    try:
+        r = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0, decode_responses=True)
+        try:
+            got = {str(k): str(v) for k, v in r.config_get("append*").items()}
+        finally:
+            r.close()
+    except redis.RedisError:
+        return
+    want = mode.removeprefix("aof-")
+    if got.get("appendonly") != "yes" or got.get("appendfsync") != want:
+        raise SettingsError(
+            f"haoyuan api refuses to start: HAOYUAN_DURABILITY is {mode} (the production"
+            f" default) but Redis has appendonly {got.get('appendonly')} and appendfsync"
+            f" {got.get('appendfsync')}: configure Redis, or name the mode you run"
+            " (HAOYUAN_DURABILITY=aof-everysec, wait or none)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -150,6 +150,13 @@ class EngineConfig:
             raw = env.get(var)
             if raw is not None:
                 values[f.name] = parse_env(var, hints[f.name], raw)
+        if "durability" not in values:
+            from engine.pii import is_development
+
+            # Nothing acknowledged may be lost: production insists on AOF
+            # always unless the operator names another mode (development:
+            # whatever Redis does).
+            values["durability"] = "none" if is_development(env) else "aof-always"
         return cls(**values)
 
 

@@ -232,3 +232,35 @@ async def test_production_instance_refuses_development_credentials(redis_url: st
         for ui in ("/schema/swagger", "/schema/scalar"):
             assert (await c.get(ui)).status_code == 404
         assert (await c.get("/metrics")).status_code == 401
+
+
+def test_production_insists_on_durable_redis_by_default() -> None:
+    """Nothing acknowledged may be lost: without HAOYUAN_DURABILITY a
+    production engine wants AOF always (and refuses a Redis without it when
+    it connects); development takes Redis as it is; a named mode wins."""
+    from engine.config import EngineConfig
+
+    assert EngineConfig.from_env({}).durability == "aof-always"
+    assert EngineConfig.from_env({"HAOYUAN_ENV": "development"}).durability == "none"
+    assert EngineConfig.from_env({"HAOYUAN_DURABILITY": "wait"}).durability == "wait"
+    assert EngineConfig.from_env({"HAOYUAN_DURABILITY": "none"}).durability == "none"
+
+
+def test_a_production_api_refuses_a_redis_that_keeps_nothing() -> None:
+    """The production default (AOF always) against a Redis without AOF: the
+    API refuses to start, once, saying what to do; naming the mode starts it."""
+    from engine.testing.servers import RedisServer
+
+    redis = RedisServer(appendonly=False)
+    redis.start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HAOYUAN_")}
+        env.update(production_env(HAOYUAN_REDIS_URL=redis.url))
+        out = subprocess.run([sys.executable, "-m", "api.serve", "--port", str(free_port()),
+                              "--workers", "1"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "HAOYUAN_DURABILITY is aof-always" in out.stderr
+        assert "appendonly no" in out.stderr and "Traceback" not in out.stderr
+    finally:
+        redis.cleanup()
