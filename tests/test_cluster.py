@@ -135,8 +135,9 @@ async def test_every_worker_runs_on_a_cluster(redis_cluster: Any, db_pool: Any,
         assert all(r.already == 4 and not r.failed for r in reports)
         assert (await run_audit(eng, db_pool)).ok
 
+    # (The test cluster keeps no AOF: production workers must be told so.)
     env = {**os.environ, "HAOYUAN_REDIS_CLUSTER": "1", "HAOYUAN_REDIS_URL": redis_cluster.url,
-           "HAOYUAN_PG_DSN": fresh_pg_dsn}
+           "HAOYUAN_PG_DSN": fresh_pg_dsn, "HAOYUAN_DURABILITY": "none"}
     for args in (["writer", "--burst"], ["sweeper", "--once"], ["audit", "--json"],
                  ["rebuild"], ["rebuild-bindings"]):
         p = await asyncio.create_subprocess_exec(
